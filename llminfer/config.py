@@ -1,0 +1,240 @@
+"""Configuration: what the network is (ModelConfig) and how the engine runs it (EngineConfig).
+
+ModelConfig is built once from whatever the checkpoint carries (an HF config.json, GGUF metadata,
+or a YAML/JSON model config file of ours) and validated there; everything else only reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llminfer.errors import ConfigError, UnsupportedModelError
+
+# HF `architectures` / `model_type` names that our Llama-family network implements.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder. Field names follow Hugging Face's config.json."""
+
+    model_type: str  # "llama" | "mistral" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    sliding_window: int | None = None  # Mistral
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    torch_dtype: str = "float32"  # dtype the checkpoint was stored in
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model config field '{name}' must be a positive integer, got {value!r}")
+        if self.model_type not in SUPPORTED_ARCHITECTURES.values():
+            raise UnsupportedModelError(
+                f"model_type '{self.model_type}' is not supported "
+                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES.values()))})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        rope_type = self.rope_type
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_scaling type '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def num_parameters(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)
+        layer = attn + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + h
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], source: str = "config") -> "ModelConfig":
+        """Build from a Hugging Face config.json dict; `source` names the file in error messages."""
+        model_type = _model_type_of(hf, source)
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [name for name in required if name not in hf]
+        if missing:
+            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        sliding = hf.get("sliding_window")
+        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+            sliding = None
+        try:
+            return cls(
+                model_type=model_type,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=hf.get("num_key_value_heads") or heads,
+                head_dim=head_dim,
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+                rope_scaling=_rope_scaling_of(hf),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+                sliding_window=sliding,
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=eos_ids,
+                torch_dtype=_dtype_name(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            )
+        except TypeError as exc:  # e.g. a string where a number belongs
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The equivalent Hugging Face config.json, so converted folders also load in transformers."""
+        arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.model_type]
+        hf = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model_type"},
+        }
+        hf["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
+        hf["hidden_act"] = "silu"
+        if self.model_type == "qwen2":
+            hf["use_sliding_window"] = self.sliding_window is not None
+        return hf
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["eos_token_id"] = list(self.eos_token_id)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        data = dict(data)
+        data["eos_token_id"] = tuple(data.get("eos_token_id") or ())
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_model_config_file(path: str | Path) -> ModelConfig:
+    """Read a model config file of ours (YAML or JSON, ModelConfig fields) or an HF config.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: model config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    if "architectures" in data or ("model_type" in data and "head_dim" not in data):
+        return ModelConfig.from_hf_dict(data, str(path))
+    return ModelConfig.from_dict(data, str(path))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run a model: numeric precision, device, context and batch limits."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 16  # sequences decoded together
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype '{self.dtype}' is not supported (expected one of {', '.join(DTYPES)})")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _model_type_of(hf: dict[str, Any], source: str) -> str:
+    for arch in hf.get("architectures") or ():
+        if arch in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[arch]
+    model_type = hf.get("model_type")
+    if model_type in SUPPORTED_ARCHITECTURES.values():
+        return model_type
+    named = (hf.get("architectures") or [model_type])[0]
+    if named is None:
+        raise ConfigError(f"{source}: missing required field 'architectures' (or 'model_type')")
+    raise UnsupportedModelError(
+        f"{source}: architecture '{named}' is not supported "
+        f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+    )
+
+
+def _rope_scaling_of(hf: dict[str, Any]) -> dict[str, Any] | None:
+    scaling = hf.get("rope_scaling")
+    if scaling is None:  # transformers >= 5 writes rope_parameters instead
+        params = hf.get("rope_parameters") or {}
+        if params.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        return None
+    return dict(scaling) if scaling else None
+
+
+def _dtype_name(value: Any) -> str:
+    name = str(value).replace("torch.", "")
+    return name if name in DTYPES else "float32"

@@ -1,0 +1,37 @@
+"""Hugging Face-style `model.generate(input_ids, ...)` on top of the engine."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from llminfer.config import EngineConfig
+from llminfer.engine.llm_engine import LLMEngine
+from llminfer.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llminfer.model.base import CausalLM
+
+
+def generate_token_ids(model: "CausalLM", input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], *,
+                       max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                       min_p: float, repetition_penalty: float, seed: int | None,
+                       eos_token_id: int | Sequence[int] | None) -> torch.Tensor | list[list[int]]:
+    as_tensor = isinstance(input_ids, torch.Tensor)
+    rows = input_ids.tolist() if as_tensor else list(input_ids)
+    if rows and isinstance(rows[0], int):
+        rows = [rows]
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                            top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0,
+                            min_p=min_p if do_sample else 0.0, repetition_penalty=repetition_penalty, seed=seed)
+    extra = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    engine = LLMEngine(model, model.tokenizer, EngineConfig(dtype=str(model.dtype).replace("torch.", "")), extra)
+    requests = [engine.add_request(row, params) for row in rows]
+    engine.run_to_completion()
+    sequences = [r.all_token_ids for r in requests]
+    if not as_tensor:
+        return sequences
+    pad = min(engine.eos_token_ids) if engine.eos_token_ids else 0
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=input_ids.device)

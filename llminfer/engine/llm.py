@@ -1,0 +1,63 @@
+"""`LLM`: the engine-style Python API. Load once, then generate for many prompts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Sequence
+
+from llminfer.config import EngineConfig
+from llminfer.engine.llm_engine import LLMEngine
+from llminfer.engine.outputs import RequestOutput
+from llminfer.engine.sampling_params import SamplingParams
+from llminfer.errors import TokenizerError
+from llminfer.loading import open_checkpoint
+from llminfer.loading.default_models import DEFAULT_MODEL
+from llminfer.model.auto import build_model
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """LLM("smollm2-135m").generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))"""
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
+                 max_model_len: int | None = None, max_num_seqs: int = 16) -> None:
+        self.config = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+        checkpoint = open_checkpoint(model)
+        self.model_name = model
+        self.checkpoint_format = checkpoint.format
+        self.model_config = checkpoint.config
+        self.model = build_model(self.model_config, self.config.torch_dtype, device)
+        self.model.load_weights(checkpoint.named_tensors(), source=checkpoint.name)
+        self.tokenizer = checkpoint.tokenizer()
+        self.engine = LLMEngine(self.model, self.tokenizer, self.config)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """One output per prompt, in the order given. A prompt is text or a list of token ids."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        requests = [self.engine.add_request(p, params) for p in prompts]
+        by_id = {o.request_id: o for o in self.engine.run_to_completion()}
+        return [by_id[r.request_id] for r in requests]
+
+    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        return self.generate([self.chat_prompt(c) for c in conversations], params)
+
+    def chat_prompt(self, messages: Messages) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.model_name}: has no tokenizer, so no chat template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step; `.delta` holds the new text."""
+        request = self.engine.add_request(prompt, params or SamplingParams())
+        while not request.is_finished:
+            for output in self.engine.step():
+                if output.request_id == request.request_id:
+                    yield output

@@ -1,0 +1,88 @@
+"""A request's state as it moves from waiting to running to finished."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from llminfer.engine.outputs import RequestOutput
+from llminfer.engine.sampling_params import SamplingParams
+from llminfer.tokenizer import IncrementalDetokenizer
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]  # EOS/end-of-turn ids plus the params' own
+    generator: torch.Generator | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    cache_slot: int | None = None
+    num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
+    text: str = ""  # generated text so far, stop string cut off
+    _emitted: int = 0  # how much of `text` streaming has handed out
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int, max_model_len: int) -> None:
+        """Record a sampled token and decide whether the request is done."""
+        self.output_token_ids.append(token_id)
+        if token_id in self.stop_token_ids:
+            return self._finish("stop")
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.add(token_id)
+            if self._cut_at_stop_string():
+                return self._finish("stop")
+        if len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            self._finish("length")
+
+    def _cut_at_stop_string(self) -> bool:
+        if not self.params.stop:
+            return False
+        longest = max(len(s) for s in self.params.stop)
+        search_from = max(0, self._emitted - longest)  # a stop string may straddle old and new text
+        hits = [i for i in (self.text.find(s, search_from) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return True
+        return False
+
+    def _finish(self, reason: str) -> None:
+        if reason == "length" and self.detokenizer is not None:
+            self.text += self.detokenizer.flush()
+            self._cut_at_stop_string()
+        self.status, self.finish_reason = RequestStatus.FINISHED, reason
+
+    def take_delta(self) -> str:
+        """Text not yet streamed, holding back a tail that could still become a stop string."""
+        hold = 0 if self.is_finished else max((len(s) - 1 for s in self.params.stop), default=0)
+        end = max(self._emitted, len(self.text) - hold)
+        delta, self._emitted = self.text[self._emitted:end], end
+        return delta
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.text,
+                             list(self.output_token_ids), self.finish_reason, self.take_delta())

@@ -1,0 +1,33 @@
+"""Typed errors: the library raises these, the CLI prints them as one line and exits 2."""
+
+
+class LLMInferError(Exception):
+    """Base class of every error llminfer reports to its user."""
+
+
+class ModelNotFoundError(LLMInferError, FileNotFoundError):
+    """A model path, alias or hub id that does not resolve to anything readable."""
+
+
+class ModelFormatError(LLMInferError, ValueError):
+    """A checkpoint file that exists but cannot be read: truncated, corrupt, missing tensors."""
+
+
+class ConfigError(LLMInferError, ValueError):
+    """A model or engine config with a missing or invalid field."""
+
+
+class UnsupportedModelError(LLMInferError, ValueError):
+    """An architecture, tensor type or feature this engine does not implement."""
+
+
+class InvalidSamplingParamsError(LLMInferError, ValueError):
+    """A sampling parameter outside its allowed range."""
+
+
+class PromptTooLongError(LLMInferError, ValueError):
+    """A prompt (plus the tokens asked for) that does not fit in the model's context."""
+
+
+class TokenizerError(LLMInferError, ValueError):
+    """A tokenizer that cannot be built, or a chat template that cannot be rendered."""

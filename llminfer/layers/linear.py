@@ -1,0 +1,58 @@
+"""Linear layers that know how checkpoint tensors load into them.
+
+The model file only says which projections exist. Quantized or tensor-parallel variants replace
+these classes (same constructor, same `weight_loader`) without the model file changing.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), with W stored [out_features, in_features] as in HF checkpoints."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self.weight_loader  # how a checkpoint tensor lands in this parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | str | None = None) -> None:
+        _copy_checked(param.data, loaded)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input fused into one matmul (q|k|v, gate|up).
+
+    `shards` names the parts in output order with their widths; checkpoints store them
+    separately and each lands in its own row range.
+    """
+
+    def __init__(self, in_features: int, shards: dict[str | int, int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(shards.values()), bias)
+        self.shard_offsets: dict[str | int, tuple[int, int]] = {}
+        offset = 0
+        for name, width in shards.items():
+            self.shard_offsets[name] = (offset, width)
+            offset += width
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | str | None = None) -> None:
+        offset, width = self.shard_offsets[shard]
+        _copy_checked(param.data.narrow(0, offset, width), loaded)
+
+
+def _copy_checked(destination: torch.Tensor, loaded: torch.Tensor) -> None:
+    if destination.shape != loaded.shape:
+        raise ValueError(f"expected shape {tuple(destination.shape)}, got {tuple(loaded.shape)}")
+    destination.copy_(loaded)
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    _copy_checked(param.data, loaded)

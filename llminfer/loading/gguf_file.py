@@ -1,0 +1,167 @@
+"""GGUF files (llama.cpp): metadata -> ModelConfig, tensors dequantized into HF names and layout."""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from tqdm.auto import tqdm
+
+from llminfer.config import ModelConfig
+from llminfer.errors import ModelFormatError, UnsupportedModelError
+from llminfer.loading.checkpoint import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+Q = GGMLQuantizationType
+SUPPORTED_TENSOR_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K}
+ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF parameter name of a GGUF tensor, or None for tensors the network does not use."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_RE.fullmatch(gguf_name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.{match.group(3)}"
+    return None
+
+
+def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> HF's rotate-half halves)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+class GGUFCheckpoint(Checkpoint):
+    format = "gguf"
+
+    def __init__(self, path: Path, name: str | None = None) -> None:
+        super().__init__(name or str(path))
+        self.path = path
+        try:
+            self.reader = GGUFReader(str(path))
+        except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad bytes
+            raise ModelFormatError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        self.architecture = self.metadata.get("general.architecture")
+        if self.architecture not in ARCHITECTURES:
+            raise UnsupportedModelError(f"{path}: GGUF architecture '{self.architecture}' is not supported "
+                                        f"(supported: {', '.join(ARCHITECTURES)})")
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        values = {}
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                values[key] = field.contents()
+            except Exception as exc:
+                raise ModelFormatError(f"{self.path}: metadata '{key}' cannot be read ({exc})") from None
+        return values
+
+    def _meta(self, key: str, default: Any = ...) -> Any:
+        full = f"{self.architecture}.{key}"
+        if full in self.metadata:
+            return self.metadata[full]
+        if default is ...:
+            raise ModelFormatError(f"{self.path}: missing required GGUF metadata '{full}'")
+        return default
+
+    def model_config(self) -> ModelConfig:
+        heads = self._meta("attention.head_count")
+        hidden = self._meta("embedding_length")
+        vocab = self._meta("vocab_size", None) or len(self.metadata.get("tokenizer.ggml.tokens") or [])
+        eos = self.metadata.get("tokenizer.ggml.eos_token_id")
+        scaling = None
+        if self._meta("rope.scaling.type", "none") == "linear":
+            scaling = {"rope_type": "linear", "factor": self._meta("rope.scaling.factor")}
+        if "rope_freqs.weight" in self._tensors_by_name:
+            raise UnsupportedModelError(f"{self.path}: GGUF rope frequency factors (rope_freqs, Llama 3.1 long "
+                                        "context) are not supported yet")
+        return ModelConfig(
+            model_type=ARCHITECTURES[self.architecture],
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=self._meta("feed_forward_length"),
+            num_hidden_layers=self._meta("block_count"),
+            num_attention_heads=heads,
+            num_key_value_heads=self._meta("attention.head_count_kv", heads),
+            head_dim=self._meta("attention.key_length", hidden // heads),
+            max_position_embeddings=self._meta("context_length", 2048),
+            rms_norm_eps=float(self._meta("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(self._meta("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings="output.weight" not in self._tensors_by_name,
+            attention_bias="blk.0.attn_q.bias" in self._tensors_by_name,
+            sliding_window=self._meta("attention.sliding_window", None),
+            bos_token_id=self.metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=(eos,) if eos is not None else (),
+            torch_dtype="float32",
+        )
+
+    @cached_property
+    def _tensors_by_name(self) -> dict[str, Any]:
+        return {t.name: t for t in self.reader.tensors}
+
+    def tensor_names(self) -> list[str]:
+        return [n for n in (hf_name(t.name) for t in self.reader.tensors) if n is not None]
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        config = self.config
+        for tensor in tqdm(self.reader.tensors, desc=f"Dequantizing {self.path.name}", unit="tensor",
+                           leave=False, disable=None):
+            name = hf_name(tensor.name)
+            if name is None:
+                logger.debug("%s: skipping GGUF tensor %s", self.path, tensor.name)
+                continue
+            array = self._dequantized(tensor)
+            # llama.cpp's converter permutes Q/K rows for its rotary kernel; qwen2 files are not permuted.
+            if self.architecture == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+                array = unpermute_rope_rows(array, config.num_attention_heads)
+            elif self.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+                array = unpermute_rope_rows(array, config.num_key_value_heads)
+            yield name, torch.from_numpy(np.require(array, requirements=["C", "W"]))
+
+    def _dequantized(self, tensor: Any) -> np.ndarray:
+        qtype = tensor.tensor_type
+        if qtype not in SUPPORTED_TENSOR_TYPES:
+            raise UnsupportedModelError(f"{self.path}: tensor '{tensor.name}' has type {qtype.name}, not supported "
+                                        f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TENSOR_TYPES))})")
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost-first
+        try:
+            data = np.asarray(tensor.data) if qtype in (Q.F32, Q.F16) else dequantize(tensor.data, qtype)
+            return data.astype(np.float32, copy=False).reshape(shape)
+        except (ValueError, IndexError) as exc:
+            raise ModelFormatError(f"{self.path}: tensor '{tensor.name}' is truncated or corrupt ({exc})") from None
+
+    def tokenizer(self):
+        from llminfer.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
+
+        return tokenizer_from_gguf_metadata(self.metadata, str(self.path))

@@ -1,0 +1,121 @@
+"""Hugging Face model folders (config.json + safetensors, sharded or not) and our converted folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from llminfer.config import ModelConfig
+from llminfer.errors import ModelFormatError
+from llminfer.loading.checkpoint import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+OUR_CONFIG = "model_config.json"  # written by `llminfer convert`, ModelConfig fields
+MANIFEST = "manifest.json"
+
+
+class HFFolderCheckpoint(Checkpoint):
+    format = "hf-safetensors"
+
+    def __init__(self, path: Path, name: str | None = None) -> None:
+        super().__init__(name or str(path))
+        self.path = path
+        if (path / MANIFEST).is_file():
+            self.format = "llminfer"
+        self._files = self._weight_files()
+
+    def model_config(self) -> ModelConfig:
+        ours, hf = self.path / OUR_CONFIG, self.path / "config.json"
+        if ours.is_file():
+            return ModelConfig.from_dict(_read_json(ours), str(ours))
+        if not hf.is_file():
+            raise ModelFormatError(f"{self.path}: no config.json (expected a Hugging Face model folder)")
+        return ModelConfig.from_hf_dict(_read_json(hf), str(hf))
+
+    def _weight_files(self) -> list[Path]:
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = self.path / index_name
+            if index.is_file():
+                weight_map = _read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ModelFormatError(f"{index}: missing 'weight_map'")
+                files = [self.path / f for f in sorted(set(weight_map.values()))]
+                for file in files:
+                    if not file.is_file():
+                        raise ModelFormatError(f"{index}: lists shard '{file.name}', which is missing")
+                return files
+        files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("pytorch_model*.bin"))
+        if not files:
+            raise ModelFormatError(f"{self.path}: no *.safetensors (or pytorch_model*.bin) weight files")
+        return files
+
+    def tensor_names(self) -> list[str]:
+        return [name for _, name in self._locations()]
+
+    def _locations(self) -> list[tuple[Path, str]]:
+        locations = []
+        for file in self._files:
+            if file.suffix == ".safetensors":
+                with _open_safetensors(file) as f:
+                    locations.extend((file, name) for name in f.keys())
+            else:
+                locations.extend((file, name) for name in _load_bin(file))
+        return locations
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        total = len(self.tensor_names())
+        with tqdm(total=total, desc=f"Loading {self.path.name}", unit="tensor", leave=False, disable=None) as bar:
+            for file in self._files:
+                if file.suffix == ".safetensors":
+                    with _open_safetensors(file) as f:
+                        for name in f.keys():
+                            yield name, _read_tensor(f, file, name)
+                            bar.update()
+                else:
+                    for name, tensor in _load_bin(file).items():
+                        yield name, tensor
+                        bar.update()
+
+    def tokenizer(self):
+        from llminfer.tokenizer import Tokenizer
+
+        return Tokenizer.from_folder(self.path) if Tokenizer.folder_has_tokenizer(self.path) else None
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")  # memory-mapped: tensors are read on access
+    except (SafetensorError, OSError) as exc:
+        raise ModelFormatError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
+def _read_tensor(handle, file: Path, name: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ModelFormatError(f"{file}: tensor '{name}' cannot be read ({exc})") from None
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    # Pickle-based checkpoints: only tensors and plain containers are allowed, never arbitrary objects.
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ModelFormatError(f"{file}: not a loadable PyTorch weights file ({exc})".splitlines()[0]) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object")
+    return data

@@ -1,0 +1,61 @@
+"""Turn what the user typed (alias, file, folder, hub id) into a Checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from llminfer.errors import ModelNotFoundError
+from llminfer.loading.checkpoint import Checkpoint
+from llminfer.loading.default_models import ALIASES, fetch_alias
+from llminfer.loading.gguf_file import GGUFCheckpoint
+from llminfer.loading.hf_folder import HFFolderCheckpoint
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    if model in ALIASES:
+        return GGUFCheckpoint(fetch_alias(model), name=model)
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf" or _starts_with_gguf_magic(path):
+            return GGUFCheckpoint(path)
+        raise ModelNotFoundError(f"{path}: expected a .gguf file or a model folder")
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and not (path / "model_config.json").exists() and len(ggufs) == 1:
+            return GGUFCheckpoint(ggufs[0])
+        return HFFolderCheckpoint(path)
+    if path.exists():
+        raise ModelNotFoundError(f"{path}: not a readable file or folder")
+    if _HUB_ID.match(model) and not model.startswith((".", "/")):
+        return HFFolderCheckpoint(_download_from_hub(model), name=model)
+    raise ModelNotFoundError(
+        f"model '{model}' not found: expected a path to a model folder or .gguf file, a hub id (org/name), "
+        f"or an alias ({', '.join(ALIASES)})"
+    )
+
+
+def _starts_with_gguf_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as exc:
+        raise ModelNotFoundError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """Snapshot of the files we read from a Hugging Face hub repo (needs network access)."""
+    from huggingface_hub import snapshot_download
+
+    logger.info("downloading %s from the Hugging Face hub", repo_id)
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # network, auth, missing repo: all reported the same way
+        raise ModelNotFoundError(f"model '{repo_id}': not a local path, and the hub download failed "
+                                 f"({type(exc).__name__}: {exc})".splitlines()[0]) from None

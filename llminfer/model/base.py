@@ -1,0 +1,110 @@
+"""What every causal LM class shares: weight loading by checkpoint name, and HF-style generate()."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from llminfer.config import ModelConfig
+from llminfer.errors import ModelFormatError
+from llminfer.layers.attention import ForwardContext
+from llminfer.layers.linear import default_weight_loader
+
+if TYPE_CHECKING:
+    from llminfer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Tensors some checkpoints carry that the network computes itself.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CausalLM(nn.Module):
+    packed_modules_mapping: dict[str, tuple[str, str | int]] = {}
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer: Tokenizer | None = None  # attached by AutoModel.from_pretrained when the checkpoint has one
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | str | Path, source: str = "checkpoint") -> None:
+        """Copy checkpoint tensors (HF names) into the parameters; every parameter must be filled.
+
+        `weights` is (name, tensor) pairs, or a checkpoint path/alias to read them from.
+        """
+        if isinstance(weights, (str, Path)):
+            from llminfer.loading import open_checkpoint
+
+            checkpoint = open_checkpoint(str(weights))
+            checkpoint.check_compatible(self.config)
+            weights, source = checkpoint.named_tensors(), checkpoint.name
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                continue
+            param_name, shard = self._parameter_for(name)
+            param = params.get(param_name)
+            if param is None:
+                logger.warning("%s: ignoring tensor '%s' that this model has no parameter for", source, name)
+                continue
+            loader = getattr(param, "weight_loader", None)
+            try:
+                value = tensor.to(param.dtype)
+                loader(param, value, shard) if loader else default_weight_loader(param, value)
+            except ValueError as exc:
+                raise ModelFormatError(f"{source}: tensor '{name}': {exc}") from None
+            loaded.add(f"{param_name}/{shard}")
+        expected = {f"{name}/{shard}" for name, shard in self._expected_parts(params)}
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ModelFormatError(f"{source}: missing tensor(s) for {', '.join(m.split('/')[0] for m in missing[:5])}"
+                                   + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+    def _parameter_for(self, checkpoint_name: str) -> tuple[str, str | int | None]:
+        for ckpt_part, (fused, shard) in self.packed_modules_mapping.items():
+            if f".{ckpt_part}." in checkpoint_name:
+                return checkpoint_name.replace(f".{ckpt_part}.", f".{fused}."), shard
+        return checkpoint_name, None
+
+    def _expected_parts(self, params: dict[str, nn.Parameter]) -> list[tuple[str, str | int | None]]:
+        parts = []
+        for name in params:
+            owner = self.get_submodule(name.rsplit(".", 1)[0])
+            shards = getattr(owner, "shard_offsets", None)
+            parts.extend((name, shard) for shard in shards) if shards else parts.append((name, None))
+        return parts
+
+    def generate(self, input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int = 128,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor | list[list[int]]:
+        """Hugging Face-style generation: returns prompt + generated ids for each input row.
+
+        A tensor input gives a tensor back ([B, S] rows padded with the first EOS id when lengths
+        differ); lists give lists.
+        """
+        from llminfer.engine.generate import generate_token_ids
+
+        return generate_token_ids(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id)
