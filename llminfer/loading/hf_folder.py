@@ -29,7 +29,19 @@ class HFFolderCheckpoint(Checkpoint):
         self.path = path
         if (path / MANIFEST).is_file():
             self.format = "llminfer"
+            self._check_manifest()
         self._files = self._weight_files()
+
+    def _check_manifest(self) -> None:
+        # Sizes are cheap to compare and catch truncated copies; sha256 is there for `sha256sum -c` users.
+        manifest = _read_json(self.path / MANIFEST)
+        for file_name, entry in (manifest.get("files") or {}).items():
+            file = self.path / file_name
+            if not file.is_file():
+                raise ModelFormatError(f"{file}: listed in {MANIFEST} but missing")
+            if file.stat().st_size != entry.get("bytes"):
+                raise ModelFormatError(f"{file}: {file.stat().st_size} bytes, {MANIFEST} says {entry.get('bytes')} "
+                                       "(truncated or modified copy)")
 
     def model_config(self) -> ModelConfig:
         ours, hf = self.path / OUR_CONFIG, self.path / "config.json"

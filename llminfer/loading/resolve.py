@@ -32,7 +32,9 @@ def open_checkpoint(model: str) -> Checkpoint:
         return HFFolderCheckpoint(path)
     if path.exists():
         raise ModelNotFoundError(f"{path}: not a readable file or folder")
-    if _HUB_ID.match(model) and not model.startswith((".", "/")):
+    if model.startswith((".", "/", "~")) or model.endswith((".gguf", ".safetensors")):
+        raise ModelNotFoundError(f"{path}: no such file or folder")
+    if _HUB_ID.match(model):
         return HFFolderCheckpoint(_download_from_hub(model), name=model)
     raise ModelNotFoundError(
         f"model '{model}' not found: expected a path to a model folder or .gguf file, a hub id (org/name), "

@@ -1,0 +1,115 @@
+"""What each `llminfer` subcommand does, once its arguments are parsed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llminfer.engine import LLM, SamplingParams
+
+
+def _load(args: argparse.Namespace) -> LLM:
+    print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, stop=args.stop,
+        seed=args.seed,
+    )
+
+
+def _stream(llm: LLM, prompt, params: SamplingParams) -> str:
+    text = []
+    for output in llm.stream(prompt, params):
+        if output.delta:
+            sys.stdout.write(output.delta)
+            sys.stdout.flush()
+            text.append(output.delta)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(text)
+
+
+def generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)  # validate before the slow load
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = _load(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        prompt = llm.chat_prompt(messages)
+    _stream(llm, prompt, params)
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    llm = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        reply = _stream(llm, llm.chat_prompt(system + history), params)
+        history.append({"role": "assistant", "content": reply})
+
+
+def info(args: argparse.Namespace) -> int:
+    from llminfer.loading import open_checkpoint
+
+    checkpoint = open_checkpoint(args.model)
+    config = checkpoint.config
+    tokenizer = checkpoint.tokenizer()
+    rows = [
+        ("model", args.model),
+        ("format", checkpoint.format),
+        ("architecture", config.model_type),
+        ("parameters", f"{config.num_parameters / 1e6:.1f}M"),
+        ("layers", config.num_hidden_layers),
+        ("hidden size", config.hidden_size),
+        ("intermediate size", config.intermediate_size),
+        ("attention heads", f"{config.num_attention_heads} (key/value heads: {config.num_key_value_heads}, head dim {config.head_dim})"),
+        ("vocabulary", config.vocab_size),
+        ("context length", config.max_position_embeddings),
+        ("rope", f"theta={config.rope_theta:g}" + (f", scaling={config.rope_scaling}" if config.rope_scaling else "")),
+        ("tied embeddings", config.tie_word_embeddings),
+        ("sliding window", config.sliding_window or "none"),
+        ("stored dtype", _stored_dtype(checkpoint)),
+        ("tokenizer", "none" if tokenizer is None else f"{tokenizer.vocab_size} tokens, chat template: "
+                                                        f"{'yes' if tokenizer.chat_template else 'no'}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _stored_dtype(checkpoint) -> str:
+    if checkpoint.format == "gguf":
+        from collections import Counter
+
+        counts = Counter(t.tensor_type.name for t in checkpoint.reader.tensors)
+        return "GGUF " + ", ".join(f"{name} x{n}" for name, n in counts.most_common())
+    return checkpoint.config.torch_dtype
+
+
+def convert(args: argparse.Namespace) -> int:
+    from llminfer.loading.convert import convert_checkpoint
+
+    destination = convert_checkpoint(args.source, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                                     overwrite=args.overwrite)
+    print(f"converted {args.source} -> {destination} ({args.dtype})")
+    return 0

@@ -1,0 +1,138 @@
+"""The `llminfer` command: generate, chat, info, convert, bench.
+
+Errors print as one line on stderr with exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from llminfer.errors import LLMInferError
+from llminfer.loading.default_models import DEFAULT_MODEL
+
+logger = logging.getLogger("llminfer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="llminfer: %(message)s")
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (LLMInferError, OSError) as exc:
+        if args.debug:
+            raise
+        print(f"llminfer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llminfer", description="Run Llama-family language models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text from a prompt (streamed)")
+    _model_arguments(generate)
+    _sampling_arguments(generate)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--system", help="system message, with --chat")
+    generate.add_argument("prompt", help="the prompt text ('-' reads standard input)")
+    generate.set_defaults(handler=_lazy("llminfer.cli.commands", "generate"))
+
+    chat = commands.add_parser("chat", help="interactive chat (/reset clears history, /exit or Ctrl-D quits)")
+    _model_arguments(chat)
+    _sampling_arguments(chat)
+    chat.add_argument("--system", help="system message")
+    chat.set_defaults(handler=_lazy("llminfer.cli.commands", "chat"))
+
+    info = commands.add_parser("info", help="print a model's architecture, sizes and dtype")
+    info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    info.set_defaults(handler=_lazy("llminfer.cli.commands", "info"))
+
+    convert = commands.add_parser("convert", help="convert an HF folder or GGUF file to llminfer's format")
+    convert.add_argument("source", help="HF model folder, .gguf file, hub id or alias")
+    convert.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")
+    convert.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    convert.add_argument("--max-shard-size", type=_size, default="2GB", help="largest safetensors shard (e.g. 500MB)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    convert.set_defaults(handler=_lazy("llminfer.cli.commands", "convert"))
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_kinds = bench.add_subparsers(dest="bench", required=True)
+    latency = bench_kinds.add_parser("latency", help="prefill tokens/s, decode tokens/s and time to first token")
+    _model_arguments(latency)
+    latency.add_argument("--input-len", type=_positive, default=128)
+    latency.add_argument("--output-len", type=_positive, default=64)
+    latency.add_argument("--batch-size", type=_positive, default=1)
+    latency.add_argument("--iters", type=_positive, default=3, help="timed repetitions (median reported)")
+    latency.add_argument("--compare", choices=["hf"], help="also run Hugging Face transformers on the same weights")
+    latency.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    latency.set_defaults(handler=_lazy("llminfer.bench", "latency_command"))
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                        help=f"alias, HF folder, .gguf file, converted folder or hub id (default: {DEFAULT_MODEL})")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--max-model-len", type=_positive, help="cap on prompt + generated tokens")
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    parser.add_argument("--temperature", "-t", type=float, default=0.7)
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+
+
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    # Import torch and friends only for the command that runs: `llminfer --help` stays instant.
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            try:
+                return int(float(upper[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    try:
+        return int(upper)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 500MB or 2GB, got '{text}'") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

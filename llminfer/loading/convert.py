@@ -1,0 +1,119 @@
+"""`llminfer convert`: any readable checkpoint -> our folder format.
+
+Layout: model_config.json (ModelConfig), config.json (the HF equivalent), safetensors shards with
+HF tensor names (+ index), tokenizer.json / tokenizer_config.json, and manifest.json listing every
+file with its size and sha256. Written into a temporary folder beside the destination and renamed
+into place at the end, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from llminfer.config import DTYPES
+from llminfer.errors import ConfigError, ModelFormatError
+from llminfer.loading.hf_folder import MANIFEST, OUR_CONFIG
+from llminfer.loading.resolve import open_checkpoint
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def convert_checkpoint(source: str, destination: str | Path, dtype: str = "bfloat16",
+                       max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype '{dtype}' is not supported (expected one of {', '.join(DTYPES)})")
+    destination = Path(destination)
+    if destination.exists() and not (destination.is_dir() and not any(destination.iterdir())) and not overwrite:
+        raise ConfigError(f"{destination}: already exists and is not empty (choose another path or pass --overwrite)")
+    checkpoint = open_checkpoint(source)
+    config = replace(checkpoint.config, torch_dtype=dtype)
+    tokenizer = checkpoint.tokenizer()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        shards = _write_shards(checkpoint, config, staging, DTYPES[dtype], max_shard_bytes)
+        (staging / OUR_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+        (staging / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        _write_manifest(staging, source, checkpoint.format, dtype, shards)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination
+
+
+def _write_shards(checkpoint, config, folder: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict[str, str]:
+    """Stream tensors into shards of at most max_shard_bytes; returns the weight map (tensor -> file)."""
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    part_bytes = 0
+    part_names: list[str] = []
+    weight_map: dict[str, str] = {}
+    for name, tensor in checkpoint.named_tensors():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        tensor = tensor.to(dtype).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if parts[-1] and part_bytes + nbytes > max_shard_bytes:
+            part_names.append(_save_part(parts.pop(), folder, len(part_names), weight_map))
+            parts.append({})
+            part_bytes = 0
+        parts[-1][name] = tensor
+        part_bytes += nbytes
+    if parts[-1]:
+        part_names.append(_save_part(parts.pop(), folder, len(part_names), weight_map))
+    if not part_names:
+        raise ModelFormatError(f"{checkpoint.name}: no tensors to convert")
+    # Final names need the shard count, known only now.
+    if len(part_names) == 1:
+        final = {part_names[0]: "model.safetensors"}
+    else:
+        final = {p: f"model-{i + 1:05d}-of-{len(part_names):05d}.safetensors" for i, p in enumerate(part_names)}
+    for old, new in final.items():
+        (folder / old).rename(folder / new)
+    weight_map = {tensor_name: final[part] for tensor_name, part in sorted(weight_map.items())}
+    if len(part_names) > 1:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return weight_map
+
+
+def _save_part(part: dict[str, torch.Tensor], folder: Path, index: int, weight_map: dict[str, str]) -> str:
+    name = f"part-{index + 1:05d}.safetensors"
+    save_file(part, str(folder / name), metadata={"format": "pt"})
+    weight_map.update({tensor_name: name for tensor_name in part})
+    return name
+
+
+def _write_manifest(folder: Path, source: str, source_format: str, dtype: str, weight_map: dict[str, str]) -> None:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    manifest = {
+        "format": "llminfer", "format_version": FORMAT_VERSION, "source": source, "source_format": source_format,
+        "dtype": dtype, "num_tensors": len(weight_map), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    print(f"llminfer: wrote {len(files)} files ({sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)", file=sys.stderr)
