@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random Hugging Face models saved to disk, and the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+# name -> (transformers config class, extra fields)
+TINY_VARIANTS = {
+    "llama": ("LlamaConfig", dict(rope_theta=10000.0, tie_word_embeddings=False)),
+    "llama3-rope-scaling": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(rope_theta=1000000.0, sliding_window=12, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0):
+    import transformers
+
+    class_name, extra = TINY_VARIANTS[variant]
+    config = getattr(transformers, class_name)(**TINY_COMMON, **extra)
+    config._attn_implementation = "eager"  # the reference path: explicit masks, sliding window included
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # default init leaves biases at zero; randomize so Qwen2's q/k/v biases are tested
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="session", params=list(TINY_VARIANTS))
+def tiny_hf(request, tmp_path_factory) -> tuple[str, object, Path]:
+    """(variant name, transformers model, folder it was saved to as safetensors)."""
+    model = make_hf_model(request.param)
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    model.save_pretrained(folder, safe_serialization=True)
+    return request.param, model, folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory) -> Path:
+    model = make_hf_model("llama")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from llminfer.loading.default_models import fetch_alias
+
+    return fetch_alias("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own load of the same GGUF, in float32: the real-weights oracle."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=smollm2_gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), dtype=torch.float32, **kwargs).eval()
+    return tokenizer, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    from llminfer import LLM
+
+    return LLM("smollm2-135m", dtype="float32")
