@@ -1,0 +1,124 @@
+"""Sampling on hand-made distributions, penalties by formula, parameter validation, seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llminfer import LLM, SamplingParams
+from llminfer.engine.sampler import Sampler, SamplingInput, apply_penalties, filter_logits
+from llminfer.errors import InvalidSamplingParamsError
+
+PROBS = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+LOGITS = PROBS.log()
+
+
+def kept(top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> set[int]:
+    out = filter_logits(LOGITS[None], torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([min_p]))[0]
+    return {i for i in range(len(PROBS)) if out[i] > float("-inf")}
+
+
+@pytest.mark.parametrize("top_k,expected", [(1, {0}), (2, {0, 1}), (4, {0, 1, 2, 3}), (0, {0, 1, 2, 3, 4})])
+def test_top_k_keeps_the_k_most_likely(top_k, expected):
+    assert kept(top_k=top_k) == expected
+
+
+@pytest.mark.parametrize("top_p,expected", [
+    (0.5, {0}),  # 0.5 alone reaches the nucleus mass
+    (0.51, {0, 1}),
+    (0.7, {0, 1}),
+    (0.71, {0, 1, 2}),
+    (0.99, {0, 1, 2, 3, 4}),
+    (0.01, {0}),  # the best token always survives
+])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
+    assert kept(top_p=top_p) == expected
+
+
+@pytest.mark.parametrize("min_p,expected", [(0.3, {0, 1, 2}), (0.41, {0}), (0.19, {0, 1, 2, 3}), (0.0, {0, 1, 2, 3, 4})])
+def test_min_p_drops_tokens_below_fraction_of_the_best(min_p, expected):
+    assert kept(min_p=min_p) == expected  # thresholds: 0.15, 0.205, 0.095
+
+
+def test_filters_combine_as_intersection():
+    assert kept(top_k=3, top_p=0.6, min_p=0.0) == {0, 1}
+    assert kept(top_k=4, top_p=0.9, min_p=0.25) == {0, 1, 2}
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    params = SamplingParams(repetition_penalty=2.0)
+    out = apply_penalties(logits, params, prompt_ids=[0], output_ids=[1])
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+
+
+def test_presence_and_frequency_penalties_follow_openai_formula():
+    logits = torch.zeros(4)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits, params, prompt_ids=[3, 3], output_ids=[0, 0, 2])
+    # prompt tokens are not penalised; count(0)=2, count(2)=1
+    assert out.tolist() == [-(0.25 * 2 + 0.5), 0.0, -(0.25 + 0.5), 0.0]
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    sampler = Sampler()
+    params = SamplingParams(temperature=1.0)
+    generator = torch.Generator().manual_seed(0)
+    rows = [SamplingInput(params, [], [], generator)]
+    counts = torch.zeros(5)
+    for _ in range(4000):
+        counts[sampler(LOGITS[None], rows)[0]] += 1
+    freq = counts / counts.sum()
+    assert torch.allclose(freq, PROBS, atol=0.03), freq
+
+
+def test_temperature_sharpens_the_distribution():
+    sampler = Sampler()
+    generator = torch.Generator().manual_seed(0)
+    rows = [SamplingInput(SamplingParams(temperature=0.25), [], [], generator)]
+    draws = [sampler(LOGITS[None], rows)[0] for _ in range(2000)]
+    # p ∝ p^4: token 0 gets 0.5^4 / sum(p^4) ≈ 0.93
+    expected = 0.5**4 / float((PROBS**4).sum())
+    assert math.isclose(draws.count(0) / len(draws), expected, abs_tol=0.03)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", -2),
+    ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("stop", [""]),
+])
+def test_invalid_sampling_values_are_rejected_with_the_field_name(field, value):
+    with pytest.raises(InvalidSamplingParamsError, match=field):
+        SamplingParams(**{field: value})
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_llama_folder):
+    return LLM(str(tiny_llama_folder))
+
+
+def test_top_k_1_equals_greedy(tiny_llm):
+    prompt = [[4, 8, 15, 16, 23, 42]]
+    greedy = tiny_llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    top1 = tiny_llm.generate(prompt, SamplingParams(max_tokens=24, temperature=1.3, top_k=1, seed=5,
+                                                    ignore_eos=True))[0]
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_same_seed_gives_same_tokens_and_other_seeds_differ(tiny_llm):
+    prompt = [[4, 8, 15, 16, 23, 42]]
+
+    def sample(seed: int) -> list[int]:
+        params = SamplingParams(max_tokens=24, temperature=1.0, seed=seed, ignore_eos=True)
+        return tiny_llm.generate(prompt, params)[0].token_ids
+
+    assert sample(7) == sample(7)
+    assert len({tuple(sample(s)) for s in range(4)}) > 1
+
+
+def test_seeded_request_is_unaffected_by_its_batch_neighbours(tiny_llm):
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=11, ignore_eos=True)
+    alone = tiny_llm.generate([[1, 2, 3]], params)[0].token_ids
+    batched = tiny_llm.generate([[9, 9, 9], [1, 2, 3], [5, 5]], params)[1].token_ids
+    assert alone == batched
