@@ -25,8 +25,12 @@ class InvalidSamplingParamsError(LLMInferError, ValueError):
     """A sampling parameter outside its allowed range."""
 
 
-class PromptTooLongError(LLMInferError, ValueError):
-    """A prompt (plus the tokens asked for) that does not fit in the model's context."""
+class InvalidPromptError(LLMInferError, ValueError):
+    """A prompt the model cannot take: empty, or with token ids outside the vocabulary."""
+
+
+class PromptTooLongError(InvalidPromptError):
+    """A prompt that leaves no room to generate within the model's context."""
 
 
 class TokenizerError(LLMInferError, ValueError):

