@@ -85,9 +85,13 @@ class ContiguousAttentionBackend(AttentionBackend):
     def _decode(self, layer: Attention, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
         longest = max(metadata.context_lens)
-        slots = torch.tensor(metadata.cache_slots, device=q.device)
-        ki = keys[slots, :longest].transpose(1, 2)  # [B, Hkv, L, D]
-        vi = values[slots, :longest].transpose(1, 2)
+        first, slots = metadata.cache_slots[0], metadata.cache_slots
+        if slots == list(range(first, first + len(slots))):  # the usual case: a view, no copy of the cache
+            ki, vi = keys[first:first + len(slots), :longest], values[first:first + len(slots), :longest]
+        else:
+            index = torch.tensor(slots, device=q.device)
+            ki, vi = keys[index, :longest], values[index, :longest]
+        ki, vi = ki.transpose(1, 2), vi.transpose(1, 2)  # [B, Hkv, L, D]
         positions = torch.tensor(metadata.context_lens, device=q.device) - 1  # each query's own position
         mask = visibility_mask(positions, longest, layer.sliding_window)  # [B, L]
         qi = q.unsqueeze(2)  # [B, Hq, 1, D]
