@@ -92,9 +92,15 @@ class ContiguousAttentionBackend(AttentionBackend):
             index = torch.tensor(slots, device=q.device)
             ki, vi = keys[index, :longest], values[index, :longest]
         ki, vi = ki.transpose(1, 2), vi.transpose(1, 2)  # [B, Hkv, L, D]
-        positions = torch.tensor(metadata.context_lens, device=q.device) - 1  # each query's own position
-        mask = visibility_mask(positions, longest, layer.sliding_window)  # [B, L]
-        qi = q.unsqueeze(2)  # [B, Hq, 1, D]
-        out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask[:, None, None, :], scale=layer.scale,
-                                             enable_gqa=True)
-        return out.squeeze(2)
+        # One query per sequence: grouped heads become a [G, D] x [D, L] matmul per KV head. Plain
+        # matmuls beat SDPA's flash kernel here (no tiling to amortise), in float32 and bfloat16 alike.
+        batch, group = len(slots), layer.num_heads // layer.num_kv_heads
+        qi = q.view(batch, layer.num_kv_heads, group, layer.head_dim)  # [B, Hkv, G, D]
+        scores = torch.matmul(qi, ki.transpose(2, 3)).float() * layer.scale  # [B, Hkv, G, L]
+        window_cuts = layer.sliding_window is not None and longest > layer.sliding_window
+        if window_cuts or min(metadata.context_lens) != longest:
+            positions = torch.tensor(metadata.context_lens, device=q.device) - 1  # each query's own position
+            visible = visibility_mask(positions, longest, layer.sliding_window)  # [B, L]
+            scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1).to(vi.dtype), vi)  # [B, Hkv, G, D]
+        return out.reshape(batch, layer.num_heads, layer.head_dim)
