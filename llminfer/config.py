@@ -202,6 +202,12 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device '{self.device}' is not a torch device (expected e.g. cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device '{self.device}' requested, but this torch build sees no CUDA GPU")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -142,3 +142,48 @@ def test_hub_ids_download_a_snapshot(tiny_llama_folder, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ModelNotFoundError, match="someorg/other.*network unreachable"):
         open_checkpoint("someorg/other")
+
+
+def test_pytorch_bin_weights_load_without_unpickling_objects(tiny_llama_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_llama_folder / "config.json").read_text())
+    torch.save(load_file(tiny_llama_folder / "model.safetensors"), folder / "pytorch_model.bin")
+    from_bin, from_safetensors = AutoModel.from_pretrained(folder), AutoModel.from_pretrained(tiny_llama_folder)
+    for (name, a), (_, b) in zip(from_bin.state_dict().items(), from_safetensors.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickle code ran",))
+
+
+def test_a_pickle_carrying_code_is_refused(tiny_llama_folder, tmp_path, capsys):
+    from llminfer.errors import ModelFormatError
+
+    (tmp_path / "config.json").write_text((tiny_llama_folder / "config.json").read_text())
+    torch.save({"model.norm.weight": _Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelFormatError, match="pytorch_model.bin"):
+        AutoModel.from_pretrained(tmp_path)
+    assert "pickle code ran" not in capsys.readouterr().out
+
+
+def test_generation_config_end_of_turn_ids_stop_generation(tiny_llama_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_llama_folder, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 77]}))
+    assert open_checkpoint(str(tmp_path / "m")).config.eos_token_id == (2, 77)
+
+
+def test_unavailable_device_is_a_config_error():
+    from llminfer import EngineConfig
+
+    with pytest.raises(ConfigError, match="device 'nonsense'"):
+        EngineConfig(device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA"):
+            EngineConfig(device="cuda")

@@ -117,3 +117,14 @@ def test_prompt_longer_than_context_is_refused():
 def test_debug_flag_shows_the_traceback():
     result = run_cli("--debug", "generate", "--model", "/no/such/model", "hi")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_bench_latency_reports_both_engines_as_json(tiny_llama_folder):
+    result = run_cli("bench", "latency", "--model", str(tiny_llama_folder), "--input-len", "16", "--output-len", "4",
+                     "--iters", "1", "--compare", "hf", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [r["engine"] for r in report["results"]] == ["llminfer", "transformers"]
+    for r in report["results"]:
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["ttft_ms"] > 0
+    assert set(report["ratio_vs_transformers"]) == {"prefill", "decode", "ttft"}

@@ -63,3 +63,21 @@ def test_chat_stops_at_end_of_turn(smollm2_llm):
     assert output.finish_reason == "stop"
     assert output.token_ids[-1] == Tokenizer.from_pretrained("smollm2-135m").eos_token_id
     assert "<|im_end|>" not in output.text and output.text.strip()
+
+
+def test_chat_template_renders_like_transformers(smollm2_llm, smollm2_hf):
+    hf_tokenizer, _ = smollm2_hf
+    conversations = [
+        [{"role": "user", "content": "Hi!"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+    ]
+    for messages in conversations:
+        expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert smollm2_llm.tokenizer.apply_chat_template(messages) == expected
+
+
+def test_stop_string_cuts_the_text(smollm2_llm):
+    output = smollm2_llm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0,
+                                                                            stop=["."]))[0]
+    assert output.finish_reason == "stop" and output.text == " Paris"

@@ -26,7 +26,8 @@ def generate_token_ids(model: "CausalLM", input_ids: torch.Tensor | Sequence[int
                             top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0,
                             min_p=min_p if do_sample else 0.0, repetition_penalty=repetition_penalty, seed=seed)
     extra = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    engine = LLMEngine(model, model.tokenizer, EngineConfig(dtype=str(model.dtype).replace("torch.", "")), extra)
+    engine = LLMEngine(model, model.tokenizer, EngineConfig(dtype=str(model.dtype).replace("torch.", ""),
+                                                                device=str(model.device)), extra)
     requests = [engine.add_request(row, params) for row in rows]
     engine.run_to_completion()
     sequences = [r.all_token_ids for r in requests]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -49,7 +50,13 @@ class HFFolderCheckpoint(Checkpoint):
             return ModelConfig.from_dict(_read_json(ours), str(ours))
         if not hf.is_file():
             raise ModelFormatError(f"{self.path}: no config.json (expected a Hugging Face model folder)")
-        return ModelConfig.from_hf_dict(_read_json(hf), str(hf))
+        config = ModelConfig.from_hf_dict(_read_json(hf), str(hf))
+        generation = self.path / "generation_config.json"
+        if generation.is_file():  # chat models list their end-of-turn ids here (Llama 3: <|eot_id|>)
+            eos = _read_json(generation).get("eos_token_id")
+            extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
+            config = replace(config, eos_token_id=tuple(dict.fromkeys([*config.eos_token_id, *extra])))
+        return config
 
     def _weight_files(self) -> list[Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
