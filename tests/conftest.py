@@ -10,6 +10,18 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+def prefill_logits(model, prompts: list[list[int]]) -> torch.Tensor:
+    """Last-position logits [len(prompts), V] of each prompt, prefilled together in a fresh engine."""
+    from llminfer import EngineConfig, SamplingParams
+    from llminfer.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(model, None, EngineConfig())
+    for ids in prompts:
+        engine.add_request(ids, SamplingParams(max_tokens=1))
+    engine._admit_pending()
+    return engine.runner.compute_logits(engine.scheduler.schedule())
+
+
 TINY_COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 

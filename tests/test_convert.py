@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llminfer import AutoModel, EngineConfig, SamplingParams
-from llminfer.engine.llm_engine import LLMEngine
+from conftest import prefill_logits
+
+from llminfer import AutoModel, SamplingParams
 from llminfer.errors import ConfigError, ModelFormatError
 from llminfer.loading import open_checkpoint
 from llminfer.loading.convert import convert_checkpoint
@@ -19,10 +20,7 @@ PROMPT = [5, 17, 42, 99, 3, 250, 7]
 
 
 def last_logits(model) -> torch.Tensor:
-    engine = LLMEngine(model, None, EngineConfig())
-    engine.add_request(PROMPT, SamplingParams(max_tokens=1))
-    engine._admit_pending()
-    return engine.runner.compute_logits(engine.scheduler.schedule())[0]
+    return prefill_logits(model, [PROMPT])[0]
 
 
 def test_converted_folder_loads_to_the_same_logits(tiny_hf, tmp_path):

@@ -14,12 +14,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from llminfer import AutoModel, EngineConfig, SamplingParams
-from llminfer.engine.llm_engine import LLMEngine
+from llminfer import AutoModel
 from llminfer.loading import open_checkpoint
 from llminfer.loading.gguf_file import hf_name, unpermute_rope_rows
 
-from conftest import make_hf_model
+from conftest import make_hf_model, prefill_logits
 
 _BLOCK_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
@@ -101,10 +100,7 @@ def write_gguf(hf_model, path: Path, tensor_type: dict[str, Q] | Q) -> dict[str,
 
 
 def last_logits(model, ids: list[int]) -> torch.Tensor:
-    engine = LLMEngine(model, None, EngineConfig())
-    engine.add_request(ids, SamplingParams(max_tokens=1))
-    engine._admit_pending()
-    return engine.runner.compute_logits(engine.scheduler.schedule())[0]
+    return prefill_logits(model, [ids])[0]
 
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 1, 2]

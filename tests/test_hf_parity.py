@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from llminfer import LLM, AutoModel, EngineConfig, SamplingParams
-from llminfer.engine.llm_engine import LLMEngine
+from conftest import make_hf_model, prefill_logits
+
+from llminfer import LLM, AutoModel, SamplingParams
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12, 13], list(range(20, 60))]
 
@@ -18,21 +19,14 @@ def hf_last_logits(model, ids: list[int]) -> torch.Tensor:
 def test_last_position_logits_match_transformers(tiny_hf):
     variant, hf_model, folder = tiny_hf
     ours = AutoModel.from_pretrained(folder)
-    engine = LLMEngine(ours, None, EngineConfig())
-    requests = [engine.add_request(p, SamplingParams(max_tokens=1, temperature=0)) for p in PROMPTS]
-    engine._admit_pending()
-    batch = engine.scheduler.schedule()
-    logits = engine.runner.compute_logits(batch)
-    for row, (request, ids) in enumerate(zip(requests, PROMPTS)):
-        assert batch.requests[row] is request
+    logits = prefill_logits(ours, PROMPTS)
+    for row, ids in enumerate(PROMPTS):
         expected = hf_last_logits(hf_model, ids)
         torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=0, msg=f"{variant}: prompt {row}")
 
 
 def test_sliding_window_is_read_and_changes_long_prompts(tmp_path):
     from dataclasses import replace
-
-    from conftest import make_hf_model
 
     from llminfer.model.auto import build_model
 
@@ -43,13 +37,8 @@ def test_sliding_window_is_read_and_changes_long_prompts(tmp_path):
     unwindowed.load_state_dict(windowed.state_dict())
     long_prompt = PROMPTS[2]
 
-    def last_logits(model):
-        engine = LLMEngine(model, None, EngineConfig())
-        engine.add_request(long_prompt, SamplingParams(max_tokens=1))
-        engine._admit_pending()
-        return engine.runner.compute_logits(engine.scheduler.schedule())[0]
-
-    assert not torch.allclose(last_logits(windowed), last_logits(unwindowed), atol=1e-3)
+    assert not torch.allclose(prefill_logits(windowed, [long_prompt]), prefill_logits(unwindowed, [long_prompt]),
+                              atol=1e-3)
 
 
 def test_greedy_tokens_match_transformers_for_32_steps(tiny_hf):

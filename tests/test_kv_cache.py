@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from conftest import prefill_logits
+
 from llminfer import AutoModel, EngineConfig, SamplingParams
 from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.scheduler import ScheduledBatch
@@ -11,10 +13,7 @@ from llminfer.engine.scheduler import ScheduledBatch
 
 def full_recompute_logits(model, ids: list[int]) -> torch.Tensor:
     """Logits of the last position with a fresh cache, all tokens in one prefill."""
-    engine = LLMEngine(model, None, EngineConfig())
-    engine.add_request(ids, SamplingParams(max_tokens=1))
-    engine._admit_pending()
-    return engine.runner.compute_logits(engine.scheduler.schedule())[0]
+    return prefill_logits(model, [ids])[0]
 
 
 def test_decode_steps_match_full_recompute(tiny_hf):
