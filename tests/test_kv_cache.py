@@ -61,3 +61,20 @@ def test_finished_requests_free_their_slot_for_waiting_ones(tiny_llama_folder):
         solo = alone.add_request([5, 6, 7], p)
         alone.run_to_completion()
         assert solo.output_token_ids == r.output_token_ids
+
+
+def test_requests_added_while_others_run_are_served_when_a_slot_frees(tiny_llama_folder):
+    model = AutoModel.from_pretrained(tiny_llama_folder)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine = LLMEngine(model, None, EngineConfig())
+    first = engine.add_request([5, 6, 7], params)
+    engine.step()  # cache sized for one request
+    late = engine.add_request([8, 9], params)
+    outputs = {o.request_id: o for o in engine.run_to_completion()}
+    assert first.is_finished and late.is_finished
+    for request, prompt in ((first, [5, 6, 7]), (late, [8, 9])):
+        alone = LLMEngine(model, None, EngineConfig())
+        solo = alone.add_request(prompt, params)
+        alone.run_to_completion()
+        assert solo.output_token_ids == request.output_token_ids
+    assert late.request_id in outputs

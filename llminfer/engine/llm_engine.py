@@ -87,17 +87,22 @@ class LLMEngine:
         return [r.to_output() for r in batch.requests]
 
     def _admit_pending(self) -> None:
+        """Hand pending requests to the scheduler, (re)sizing the cache first if it is idle and too small."""
         if not self._pending:
             return
-        needed = max(min(r.num_tokens + r.params.max_tokens, self.max_model_len) for r in self._pending)
+        queued = self._pending + (list(self.scheduler.waiting) if self.scheduler else [])
+        needed = max(self._cache_len_needed(r) for r in queued)
         idle = self.scheduler is None or not self.scheduler.running
-        too_small = self.cache is None or self.cache.max_len < needed
-        if idle and (too_small or self.cache.num_slots < min(len(self._pending), self.config.max_num_seqs)):
-            self._allocate_cache(len(self._pending), needed)
-        for request in list(self._pending):
-            if min(request.num_tokens + request.params.max_tokens, self.max_model_len) <= self.cache.max_len:
-                self.scheduler.add(request)
-                self._pending.remove(request)
+        if idle and (self.cache is None or self.cache.max_len < needed
+                     or self.cache.num_slots < min(len(queued), self.config.max_num_seqs)):
+            self._allocate_cache(len(queued), needed)
+        fitting = [r for r in self._pending if self._cache_len_needed(r) <= self.cache.max_len]
+        for request in fitting:  # the rest wait until the running requests finish and the cache can grow
+            self.scheduler.add(request)
+            self._pending.remove(request)
+
+    def _cache_len_needed(self, request: Request) -> int:
+        return min(request.num_tokens + request.params.max_tokens, self.max_model_len)
 
     def _allocate_cache(self, num_requests: int, needed_len: int) -> None:
         cfg = self.model.config
