@@ -22,7 +22,8 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# "freq_factors": per-frequency divisors given as a list (GGUF's rope_freqs tensor), no HF equivalent.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -16,7 +16,8 @@ from gguf import GGMLQuantizationType as Q
 
 from llminfer import AutoModel
 from llminfer.loading import open_checkpoint
-from llminfer.loading.gguf_file import hf_name, unpermute_rope_rows
+from llminfer.layers.rotary import rope_inverse_frequencies
+from llminfer.loading.gguf_file import hf_name, llama3_scaling_matching, unpermute_rope_rows
 
 from conftest import make_hf_model, prefill_logits
 
@@ -92,6 +93,12 @@ def write_gguf(hf_model, path: Path, tensor_type: dict[str, Q] | Q) -> dict[str,
         elif name.endswith("k_proj.weight"):
             back = unpermute_rope_rows(back, cfg.num_key_value_heads)
         decoded[name] = back
+    scaling = getattr(cfg, "rope_parameters", {}) or {}
+    if scaling.get("rope_type") == "llama3":  # llama.cpp stores Llama 3 rope scaling as per-frequency divisors
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        divisors = (rope_inverse_frequencies(head_dim, scaling["rope_theta"], None)
+                    / rope_inverse_frequencies(head_dim, scaling["rope_theta"], scaling))
+        writer.add_tensor("rope_freqs.weight", divisors.numpy().astype(np.float32), raw_dtype=Q.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -106,10 +113,13 @@ def last_logits(model, ids: list[int]) -> torch.Tensor:
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 1, 2]
 
 
-def test_f32_gguf_reproduces_the_original_model_exactly(tmp_path):
-    hf_model = make_hf_model("llama")
+@pytest.mark.parametrize("variant", ["llama", "llama3-rope-scaling"])
+def test_f32_gguf_reproduces_the_original_model_exactly(tmp_path, variant):
+    hf_model = make_hf_model(variant)
     write_gguf(hf_model, tmp_path / "tiny.gguf", Q.F32)
     ours = AutoModel.from_pretrained(tmp_path / "tiny.gguf")
+    if variant == "llama3-rope-scaling":  # tiny, non-standard parameters: kept as raw frequency factors
+        assert ours.config.rope_type == "freq_factors"
     with torch.no_grad():
         expected = hf_model(torch.tensor([PROMPT])).logits[0, -1]
     torch.testing.assert_close(last_logits(ours, PROMPT), expected, atol=1e-4, rtol=0)
@@ -184,6 +194,14 @@ def test_k_quant_tensors_load_like_transformers(tmp_path, qtype):
     with torch.no_grad():
         expected = hf_from_gguf(torch.tensor([PROMPT])).logits[0, -1]
     torch.testing.assert_close(last_logits(ours, PROMPT), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_llama_3_1_rope_factors_are_recognised_as_hf_llama3_scaling():
+    llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    factors = rope_inverse_frequencies(128, 500000.0, None) / rope_inverse_frequencies(128, 500000.0, llama31)
+    assert llama3_scaling_matching(factors.tolist(), 128, 500000.0) == llama31
+    assert llama3_scaling_matching([1.0] * 64, 128, 500000.0) is None
 
 
 def test_gguf_tensor_names_map_to_hf():

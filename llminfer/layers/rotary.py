@@ -15,6 +15,8 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any
         inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":
         inv_freq = _llama3_scaled(inv_freq, scaling)
+    elif rope_type == "freq_factors":
+        inv_freq = inv_freq / torch.tensor(scaling["freq_factors"], dtype=torch.float64)
     return inv_freq.float()
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from llminfer.config import ModelConfig
 from llminfer.errors import ModelFormatError, UnsupportedModelError
+from llminfer.layers.rotary import rope_inverse_frequencies
 from llminfer.loading.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,21 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+# Llama 3.x releases: factor 8 (3.1), 32 (3.2), 16; the other parameters are shared.
+_LLAMA3_ROPE_CANDIDATES = [{"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192} for f in (8.0, 32.0, 16.0)]
+
+
+def llama3_scaling_matching(factors: list[float], head_dim: int, theta: float) -> dict[str, Any] | None:
+    """The HF llama3 rope_scaling whose per-frequency divisors equal GGUF's rope_freqs, if one does."""
+    base = rope_inverse_frequencies(head_dim, theta, None)
+    for candidate in _LLAMA3_ROPE_CANDIDATES:
+        divisors = base / rope_inverse_frequencies(head_dim, theta, candidate)
+        if len(factors) == len(divisors) and torch.allclose(divisors, torch.tensor(factors), rtol=1e-4):
+            return dict(candidate)
+    return None
+
+
 class GGUFCheckpoint(Checkpoint):
     format = "gguf"
 
@@ -97,14 +113,16 @@ class GGUFCheckpoint(Checkpoint):
     def model_config(self) -> ModelConfig:
         heads = self._meta("attention.head_count")
         hidden = self._meta("embedding_length")
+        head_dim = self._meta("attention.key_length", hidden // heads)
         vocab = self._meta("vocab_size", None) or len(self.metadata.get("tokenizer.ggml.tokens") or [])
         eos = self.metadata.get("tokenizer.ggml.eos_token_id")
         scaling = None
         if self._meta("rope.scaling.type", "none") == "linear":
             scaling = {"rope_type": "linear", "factor": self._meta("rope.scaling.factor")}
-        if "rope_freqs.weight" in self._tensors_by_name:
-            raise UnsupportedModelError(f"{self.path}: GGUF rope frequency factors (rope_freqs, Llama 3.1 long "
-                                        "context) are not supported yet")
+        if "rope_freqs.weight" in self._tensors_by_name:  # Llama 3.1+ long-context frequency factors
+            factors = self._dequantized(self._tensors_by_name["rope_freqs.weight"]).reshape(-1).tolist()
+            scaling = llama3_scaling_matching(factors, head_dim, float(self._meta("rope.freq_base", 10000.0))) \
+                or {"rope_type": "freq_factors", "freq_factors": factors}
         return ModelConfig(
             model_type=ARCHITECTURES[self.architecture],
             vocab_size=int(vocab),
@@ -113,7 +131,7 @@ class GGUFCheckpoint(Checkpoint):
             num_hidden_layers=self._meta("block_count"),
             num_attention_heads=heads,
             num_key_value_heads=self._meta("attention.head_count_kv", heads),
-            head_dim=self._meta("attention.key_length", hidden // heads),
+            head_dim=head_dim,
             max_position_embeddings=self._meta("context_length", 2048),
             rms_norm_eps=float(self._meta("attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(self._meta("rope.freq_base", 10000.0)),

@@ -24,9 +24,15 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
     """An uninitialised network of the config's shape (weights are loaded afterwards)."""
-    with torch.device(device):
-        model = MODEL_REGISTRY[config.model_type](config)
-    return model.to(dtype=dtype).eval()
+    # Create parameters directly in the target dtype and device: no float32 copy of a bf16 model.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MODEL_REGISTRY[config.model_type](config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
 class AutoModel:
