@@ -187,3 +187,26 @@ def test_unavailable_device_is_a_config_error():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA"):
             EngineConfig(device="cuda")
+
+
+def test_sharded_hf_folder_loads_like_the_single_file(tmp_path):
+    from conftest import make_hf_model
+
+    make_hf_model("qwen2").save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    make_hf_model("qwen2").save_pretrained(tmp_path / "single")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    sharded, single = AutoModel.from_pretrained(tmp_path / "sharded"), AutoModel.from_pretrained(tmp_path / "single")
+    for (name, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_shard_is_named(tmp_path):
+    from conftest import make_hf_model
+
+    make_hf_model("llama").save_pretrained(tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    from llminfer.errors import ModelFormatError
+
+    with pytest.raises(ModelFormatError, match=shard.name):
+        AutoModel.from_pretrained(tmp_path)
