@@ -23,7 +23,7 @@ class ModelRunner:
         input_ids, positions, starts, context_lens = [], [], [0], []
         for request, n_new in zip(batch.requests, batch.num_new_tokens):
             first = request.num_computed_tokens
-            input_ids.extend(request.all_token_ids[first:first + n_new])
+            input_ids.extend(request.token_ids_between(first, first + n_new))
             positions.extend(range(first, first + n_new))
             starts.append(starts[-1] + n_new)
             context_lens.append(first + n_new)

@@ -6,7 +6,7 @@ import logging
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from llminfer.config import ModelConfig
 from llminfer.errors import ModelFormatError, UnsupportedModelError
 from llminfer.layers.rotary import rope_inverse_frequencies
 from llminfer.loading.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +182,7 @@ class GGUFCheckpoint(Checkpoint):
         except (ValueError, IndexError) as exc:
             raise ModelFormatError(f"{self.path}: tensor '{tensor.name}' is truncated or corrupt ({exc})") from None
 
-    def tokenizer(self):
+    def tokenizer(self) -> "Tokenizer":
         from llminfer.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
 
         return tokenizer_from_gguf_metadata(self.metadata, str(self.path))

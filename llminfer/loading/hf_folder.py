@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -15,6 +15,9 @@ from tqdm.auto import tqdm
 from llminfer.config import ModelConfig
 from llminfer.errors import ModelFormatError
 from llminfer.loading.checkpoint import Checkpoint
+
+if TYPE_CHECKING:
+    from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -102,20 +105,20 @@ class HFFolderCheckpoint(Checkpoint):
                         yield name, tensor
                         bar.update()
 
-    def tokenizer(self):
+    def tokenizer(self) -> "Tokenizer | None":
         from llminfer.tokenizer import Tokenizer
 
         return Tokenizer.from_folder(self.path) if Tokenizer.folder_has_tokenizer(self.path) else None
 
 
-def _open_safetensors(file: Path):
+def _open_safetensors(file: Path) -> Any:
     try:
         return safe_open(str(file), framework="pt")  # memory-mapped: tensors are read on access
     except (SafetensorError, OSError) as exc:
         raise ModelFormatError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
-def _read_tensor(handle, file: Path, name: str) -> torch.Tensor:
+def _read_tensor(handle: Any, file: Path, name: str) -> torch.Tensor:
     try:
         return handle.get_tensor(name)
     except (SafetensorError, OSError, RuntimeError) as exc:
