@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,18 +189,23 @@ def load_model_config_file(path: str | Path) -> ModelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How to run a model: numeric precision, device, context and batch limits."""
+    """How to run a model: precision, device, context and batch limits, KV cache budget."""
 
     dtype: str = "float32"
     device: str = "cpu"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    max_num_seqs: int = 16  # sequences decoded together
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 2048  # tokens in one step; longer prompts are prefilled in chunks
+    kv_cache_memory: int | float | str | None = None  # "2GiB", bytes, a fraction of free memory, or None (auto)
+    block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype '{self.dtype}' is not supported (expected one of {', '.join(DTYPES)})")
-        if self.max_num_seqs < 1:
-            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         try:
@@ -208,10 +214,59 @@ class EngineConfig:
             raise ConfigError(f"device '{self.device}' is not a torch device (expected e.g. cpu, cuda, cuda:1)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device '{self.device}' requested, but this torch build sees no CUDA GPU")
+        if self.kv_cache_memory is not None:
+            parse_memory(self.kv_cache_memory)  # validate early
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def kv_cache_bytes(self) -> int:
+        """The KV pool's byte budget: as given, or a share of the device's free memory."""
+        free = _free_memory_bytes(self.device)
+        if self.kv_cache_memory is None:
+            # CPU: a tenth of available RAM, at most 2 GiB; GPU: half of what is free after loading weights.
+            return int(free * 0.5) if torch.device(self.device).type == "cuda" else min(2 << 30, free // 10)
+        value = parse_memory(self.kv_cache_memory)
+        return int(free * value) if isinstance(value, float) else value
+
+
+_MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_memory(value: int | float | str) -> int | float:
+    """'2GiB' / '512MB' / 123456 -> bytes (int); 0.3 or '0.3' -> a fraction of free memory (float)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"kv_cache_memory {value!r}: expected a size like 2GiB or a fraction like 0.3")
+    if isinstance(value, (int, float)) and not isinstance(value, str):
+        number, unit = float(value), ("" if isinstance(value, int) else "fraction")
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not match or match.group(2).upper() not in _MEMORY_UNITS:
+            raise ConfigError(f"kv_cache_memory '{value}': expected a size like 2GiB, 512MB or a fraction like 0.3")
+        number, unit = float(match.group(1)), match.group(2).upper()
+        if not unit and "." in match.group(1):
+            unit = "fraction"
+    if unit == "fraction":
+        if not 0 < number <= 1:
+            raise ConfigError(f"kv_cache_memory fraction {number} must be in (0, 1]")
+        return number
+    if number <= 0:
+        raise ConfigError(f"kv_cache_memory must be positive, got {value!r}")
+    return int(number * _MEMORY_UNITS[unit])
+
+
+def _free_memory_bytes(device: str) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # unknown platform: assume a modest machine
 
 
 def _model_type_of(hf: dict[str, Any], source: str) -> str:

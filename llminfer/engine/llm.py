@@ -9,7 +9,8 @@ from llminfer.config import EngineConfig
 from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.sampling_params import SamplingParams
-from llminfer.errors import TokenizerError
+from llminfer.errors import InvalidSamplingParamsError, TokenizerError
+from llminfer.kv_cache import KVCacheStats
 from llminfer.loading import open_checkpoint
 from llminfer.loading.default_models import DEFAULT_MODEL
 from llminfer.model.auto import build_model
@@ -24,8 +25,12 @@ class LLM:
     """LLM("smollm2-135m").generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))"""
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
-                 max_model_len: int | None = None, max_num_seqs: int = 16) -> None:
-        self.config = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+                 max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 kv_cache_memory: int | float | str | None = None, block_size: int = 16,
+                 enable_prefix_caching: bool = True) -> None:
+        self.config = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+                                   block_size=block_size, enable_prefix_caching=enable_prefix_caching)
         checkpoint = open_checkpoint(model)
         self.model_name = model
         self.checkpoint_format = checkpoint.format
@@ -33,16 +38,29 @@ class LLM:
         self.model = build_model(self.model_config, self.config.torch_dtype, device)
         self.model.load_weights(checkpoint.named_tensors(), source=checkpoint.name)
         self.tokenizer = checkpoint.tokenizer()
-        self.engine = LLMEngine(self.model, self.tokenizer, self.config)
+        # Prefix-cache hashes are keyed by what produced the KV: the checkpoint and the dtype.
+        self.engine = LLMEngine(self.model, self.tokenizer, self.config, model_identity=f"{checkpoint.name}|{dtype}")
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
-        """One output per prompt, in the order given. A prompt is text or a list of token ids."""
-        params = params or SamplingParams()
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One output per prompt, in the order given. A prompt is text or a list of token ids; params is one
+        SamplingParams for all prompts or one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        requests = [self.engine.add_request(p, params) for p in prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidSamplingParamsError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        requests = []
+        try:
+            for prompt, p in zip(prompts, params):
+                requests.append(self.engine.add_request(prompt, p))
+        except Exception:
+            for request in requests:  # all or nothing: do not leave half a batch queued
+                self.engine.abort(request.group_id)
+            raise
         by_id = {o.request_id: o for o in self.engine.run_to_completion()}
-        return [by_id[r.request_id] for r in requests]
+        return [by_id[r.group_id] for r in requests]
 
     def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate."""
@@ -55,9 +73,20 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's output after every step; `.delta` holds the new text."""
+        """Yield the request's output after every step that advanced it; `.delta` holds the new text.
+        Closing the iterator early aborts the request."""
         request = self.engine.add_request(prompt, params or SamplingParams())
-        while not request.is_finished:
-            for output in self.engine.step():
-                if output.request_id == request.request_id:
-                    yield output
+        finished = False
+        try:
+            while not finished:
+                for output in self.engine.step():
+                    if output.request_id == request.group_id:
+                        finished = output.finished
+                        yield output
+        finally:
+            if not finished:
+                self.engine.abort(request.group_id)
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        """Blocks total / free / in use (and the peak), prefix-cache hit and queried tokens."""
+        return self.engine.kv_cache_stats()

@@ -1,9 +1,11 @@
-"""The engine loop: requests are added, each `step()` schedules, runs the model, samples, and reports."""
+"""The engine loop: requests are added (or aborted) at any time; each `step()` schedules, runs the
+model, samples, and reports what changed."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -12,21 +14,21 @@ from llminfer.config import EngineConfig
 from llminfer.engine.model_runner import ModelRunner
 from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.request import Request
+from llminfer.engine.sampler import SamplingInput
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.engine.scheduler import Scheduler
-from llminfer.errors import InvalidPromptError, PromptTooLongError
-from llminfer.kv_cache import ContiguousAttentionBackend, ContiguousKVCache
+from llminfer.errors import ConfigError, InvalidPromptError, PromptTooLongError
+from llminfer.kv_cache import KVCacheManager, KVCacheStats, PagedAttentionBackend, PagedKVCache
 from llminfer.model.base import CausalLM
 from llminfer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
-_CACHE_LEN_GRANULE = 256  # cache rows are sized in multiples of this, to avoid reallocating per request
-
 
 class LLMEngine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig,
-                 extra_stop_token_ids: Sequence[int] = ()) -> None:
+                 extra_stop_token_ids: Sequence[int] = (), model_identity: str = "",
+                 reference_attention: bool = False) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         model_len = model.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_len, model_len)
@@ -34,89 +36,147 @@ class LLMEngine:
         if tokenizer is not None:
             stop_ids |= tokenizer.stop_token_ids
         self.eos_token_ids = frozenset(stop_ids)
-        self.cache: ContiguousKVCache | None = None
-        self.scheduler: Scheduler | None = None
-        self.runner: ModelRunner | None = None
+        cfg = model.config
+        num_blocks = self._num_kv_blocks()
+        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads,
+                                  cfg.head_dim, model.dtype, model.device)
+        self.kv = KVCacheManager(num_blocks, config.block_size, model_identity or repr(cfg),
+                                 config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache, PagedAttentionBackend(self.cache, reference=reference_attention))
+        self._groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
-        self._pending: list[Request] = []  # added, not yet handed to the scheduler
+
+    def _num_kv_blocks(self) -> int:
+        cfg, config = self.model.config, self.config
+        per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads,
+                                                 cfg.head_dim, self.model.dtype)
+        budget = config.kv_cache_bytes()
+        # More than max_num_seqs full contexts could never be used.
+        useful = config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        blocks = min(budget // per_block, useful)
+        if blocks < 1:
+            raise ConfigError(f"kv_cache_memory of {budget} bytes holds no KV block ({per_block} bytes each)")
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", blocks, config.block_size,
+                    blocks * per_block / 2**20)
+        return blocks
 
     # --- requests -----------------------------------------------------------------------------
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None) -> Request:
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
+                    request_id: str | None = None) -> Request:
+        """Queue a prompt; returns its first sample (the others are forked once the prompt is computed)."""
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        self._check_fits(prompt_ids, params)
+        group_id = request_id or str(next(self._ids))
+        if group_id in self._groups:
+            raise InvalidPromptError(f"request id '{group_id}' is already in use")
+        request = self._new_sample(group_id, 0, prompt_text, prompt_ids, params)
+        request.pending_forks = params.n - 1
+        self._groups[group_id] = [request]
+        self.scheduler.add(request)
+        return request
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidPromptError("this model has no tokenizer: pass token ids, not text")
-            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            prompt_text, prompt_ids = None, [int(t) for t in prompt]
+            return prompt, self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.model.config.vocab_size]
+        if bad:
+            raise InvalidPromptError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                     f"[0, {self.model.config.vocab_size})")
+        return None, ids
+
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise InvalidPromptError("prompt is empty: expected at least one token")
-        if len(prompt_ids) >= self.max_model_len:
-            raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len} "
-                                     "(max_model_len), leaving no room to generate")
-        bad = [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]
-        if bad:
-            raise InvalidPromptError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model.config.vocab_size})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds the "
+                f"context of {self.max_model_len} tokens (max_model_len); shorten the prompt or lower max_tokens")
+        blocks = self.kv.blocks_needed(total)
+        if blocks > self.kv.pool.num_blocks:
+            raise PromptTooLongError(f"request needs {blocks} KV blocks ({total} tokens) but the KV cache holds "
+                                     f"{self.kv.pool.num_blocks}; raise kv_cache_memory or lower max_tokens")
+
+    def _new_sample(self, group_id: str, index: int, prompt_text: str | None, prompt_ids: list[int],
+                    params: SamplingParams) -> Request:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        if params.seed is not None:  # sample i of a seeded request draws from seed + i
+            generator = torch.Generator(device=self.model.device).manual_seed(params.seed + index)
         detokenizer = None
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
-        request = Request(request_id or str(next(self._ids)), prompt_text, prompt_ids, params, stop_ids,
-                          generator, detokenizer)
-        self._pending.append(request)
-        return request
+        request_id = group_id if index == 0 else f"{group_id}#{index}"
+        return Request(request_id, group_id, prompt_text, prompt_ids, params, stop_ids, generator, detokenizer,
+                       sample_index=index)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (all its samples) wherever it is; its KV blocks are freed at once."""
+        for request in self._groups.pop(request_id, []):
+            if not request.is_finished:
+                request.abort()
+            self.scheduler.remove(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._pending) or (self.scheduler is not None and self.scheduler.has_work)
+        return self.scheduler.has_work
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        return self.kv.stats()
 
     # --- the loop -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass over the scheduled batch; outputs (with new text) for each request in it."""
-        self._admit_pending()
+        """One forward pass over the scheduled batch; an output for each request that advanced."""
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        tokens = self.runner.step(batch)
-        for request, token in zip(batch.requests, tokens):
-            request.append_token(token, self.max_model_len)
+        logits = self.runner.compute_logits(batch)
+        for request in batch.requests:
+            self.kv.cache_full_blocks(request)
+        rows, owners = [], []
+        for row, request in enumerate(batch.requests):
+            if request.num_computed_tokens < request.num_tokens:
+                continue  # a prefill chunk that has not reached the end of the prompt: nothing to sample yet
+            for sample in [request, *self._fork(request)]:
+                rows.append(row)
+                owners.append(sample)
+        if owners:
+            inputs = [SamplingInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in owners]
+            for request, token in zip(owners, self.runner.sample(logits[rows], inputs)):
+                request.append_token(token, self.max_model_len)
         self.scheduler.release_finished()
-        return [r.to_output() for r in batch.requests]
+        touched = dict.fromkeys(r.group_id for r in batch.requests)
+        return [self._group_output(group_id) for group_id in touched]
 
-    def _admit_pending(self) -> None:
-        """Hand pending requests to the scheduler, (re)sizing the cache first if it is idle and too small."""
-        if not self._pending:
-            return
-        queued = self._pending + (list(self.scheduler.waiting) if self.scheduler else [])
-        needed = max(self._cache_len_needed(r) for r in queued)
-        idle = self.scheduler is None or not self.scheduler.running
-        if idle and (self.cache is None or self.cache.max_len < needed
-                     or self.cache.num_slots < min(len(queued), self.config.max_num_seqs)):
-            self._allocate_cache(len(queued), needed)
-        fitting = [r for r in self._pending if self._cache_len_needed(r) <= self.cache.max_len]
-        for request in fitting:  # the rest wait until the running requests finish and the cache can grow
-            self.scheduler.add(request)
-            self._pending.remove(request)
+    def _fork(self, parent: Request) -> list[Request]:
+        """The other samples of an n > 1 request: they start from the parent's computed prompt."""
+        if not parent.pending_forks:
+            return []
+        children = []
+        for index in range(1, parent.pending_forks + 1):
+            child = self._new_sample(parent.group_id, index, parent.prompt, parent.prompt_token_ids, parent.params)
+            child.num_computed_tokens = parent.num_computed_tokens
+            self.kv.fork(parent, child)
+            self.scheduler.add_running(child)
+            children.append(child)
+        parent.pending_forks = 0
+        self._groups[parent.group_id].extend(children)
+        return children
 
-    def _cache_len_needed(self, request: Request) -> int:
-        return min(request.num_tokens + request.params.max_tokens, self.max_model_len)
-
-    def _allocate_cache(self, num_requests: int, needed_len: int) -> None:
-        cfg = self.model.config
-        max_len = min(-(-needed_len // _CACHE_LEN_GRANULE) * _CACHE_LEN_GRANULE, self.max_model_len)
-        slots = min(num_requests, self.config.max_num_seqs)
-        logger.debug("allocating KV cache: %d slots x %d positions", slots, max_len)
-        waiting = list(self.scheduler.waiting) if self.scheduler else []
-        self.cache = None  # free the old cache before allocating the new one
-        self.cache = ContiguousKVCache(cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, cfg.head_dim,
-                                       self.model.dtype, self.model.device)
-        self.scheduler = Scheduler(self.cache, self.config.max_num_seqs)
-        for request in waiting:
-            self.scheduler.add(request)
-        self.runner = ModelRunner(self.model, ContiguousAttentionBackend(self.cache))
+    def _group_output(self, group_id: str) -> RequestOutput:
+        samples = self._groups[group_id]
+        first = samples[0]
+        finished = all(r.is_finished for r in samples) and not first.pending_forks
+        output = RequestOutput(group_id, first.prompt, first.prompt_token_ids, [r.to_completion() for r in samples],
+                               finished)
+        if finished:
+            del self._groups[group_id]
+        return output
 
     def run_to_completion(self) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -125,3 +185,12 @@ class LLMEngine:
                 if output.finished:
                     finished[output.request_id] = output
         return list(finished.values())
+
+
+def exact_kv_budget(config: EngineConfig, model: CausalLM, total_tokens: int, num_seqs: int) -> EngineConfig:
+    """A config whose KV pool holds exactly num_seqs sequences of total_tokens (for one-off generate calls)."""
+    cfg = model.config
+    blocks = num_seqs * -(-total_tokens // config.block_size)
+    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads,
+                                             cfg.head_dim, model.dtype)
+    return replace(config, kv_cache_memory=blocks * per_block, max_num_seqs=max(num_seqs, 1))

@@ -4,17 +4,39 @@ from dataclasses import dataclass
 
 
 @dataclass
+class CompletionOutput:
+    """One sample of a request."""
+
+    index: int
+    text: str  # generated text, stop string excluded
+    token_ids: list[int]  # generated ids
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    delta: str = ""  # text new since the previous step (streaming)
+
+
+@dataclass
 class RequestOutput:
-    """What a finished (or streaming) request returns."""
+    """What a request returns: its prompt and its n samples (one unless SamplingParams.n > 1)."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    text: str  # generated text, stop string excluded
-    token_ids: list[int]  # generated ids
-    finish_reason: str | None  # "stop" | "length" | None while running
-    delta: str = ""  # text new since the previous step (streaming)
+    outputs: list[CompletionOutput]
+    finished: bool
+
+    # The first sample's fields, for the common n == 1 case.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
 
     @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def delta(self) -> str:
+        return self.outputs[0].delta

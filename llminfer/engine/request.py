@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llminfer.engine.outputs import RequestOutput
+from llminfer.engine.outputs import CompletionOutput
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.tokenizer import IncrementalDetokenizer
 
@@ -20,7 +20,11 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class Request:
+    """One sample being generated. A prompt asked for with n > 1 becomes n of these (a group), forked
+    after the prompt is computed so they share its KV blocks."""
+
     request_id: str
+    group_id: str  # the id the caller knows; samples of one prompt share it
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -30,7 +34,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
-    cache_slot: int | None = None
+    sample_index: int = 0
+    pending_forks: int = 0  # samples still to fork from this one once its first token is drawn
     num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
     text: str = ""  # generated text so far, stop string cut off
     _emitted: int = 0  # how much of `text` streaming has handed out
@@ -77,6 +82,9 @@ class Request:
             return True
         return False
 
+    def abort(self) -> None:
+        self.status, self.finish_reason = RequestStatus.FINISHED, "abort"
+
     def _finish(self, reason: str) -> None:
         if reason == "length" and self.detokenizer is not None:
             self.text += self.detokenizer.flush()
@@ -90,6 +98,6 @@ class Request:
         delta, self._emitted = self.text[self._emitted:end], end
         return delta
 
-    def to_output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, self.text,
-                             list(self.output_token_ids), self.finish_reason, self.take_delta())
+    def to_completion(self) -> CompletionOutput:
+        return CompletionOutput(self.sample_index, self.text, list(self.output_token_ids), self.finish_reason,
+                                self.take_delta())

@@ -10,6 +10,7 @@ from llminfer.errors import InvalidSamplingParamsError
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
+    n: int = 1  # samples per prompt; they share the prompt's KV blocks
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # 0 or -1: off
     top_p: float = 1.0
@@ -27,6 +28,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
         _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy)")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", self.top_k, "an integer >= 0 (0 or -1 = off)")

@@ -21,7 +21,8 @@ class AttentionMetadata:
 
     query_start_loc: list[int]  # sequence i's new tokens are rows [query_start_loc[i], query_start_loc[i+1])
     context_lens: list[int]  # tokens of sequence i held in the cache after this step
-    cache_slots: list[int]  # cache row each sequence owns
+    slot_mapping: torch.Tensor  # [T] where each new token's key/value is stored (flat cache position)
+    block_tables: torch.Tensor  # [B, max_blocks] cache blocks of each sequence, in order (padded with 0)
 
     @property
     def num_seqs(self) -> int:
