@@ -1,8 +1,12 @@
-"""`llminfer bench latency`: prefill tokens/s, decode tokens/s and time to first token.
+"""Benchmarks. Both engines get the same random prompt ids, greedy decoding and no early stop; with
+`--compare hf`, Hugging Face transformers runs the same weights in the same process, so the ratio
+is measured under identical conditions.
 
-Both engines get the same random prompt ids, greedy decoding and no early stop; each run is
-repeated and the median reported. With `--compare hf`, Hugging Face transformers runs the same
-weights in the same process, so the ratio is measured under identical conditions.
+`llminfer bench latency`: prefill tokens/s, decode tokens/s and time to first token of one batch
+(median of --iters runs).
+`llminfer bench throughput`: a fixed-seed workload of many requests through continuous batching:
+requests/s, output and total tokens/s, peak KV blocks against a contiguous per-request reservation,
+prefix-cache hit rate.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ def latency_command(args: argparse.Namespace) -> int:
 
     log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              max_num_seqs=args.batch_size)
+              max_num_seqs=args.batch_size, kv_cache_memory=args.kv_cache_memory)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, llm.model_config.vocab_size - 100, (args.batch_size, args.input_len),
                             generator=generator).tolist()
@@ -148,3 +152,113 @@ def latency_command(args: argparse.Namespace) -> int:
         print(f"llminfer / transformers: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x, "
               f"TTFT {ratio['ttft']:.2f}x faster")
     return 0
+
+
+@dataclass
+class ThroughputResult:
+    engine: str
+    seconds: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+
+
+def synthetic_prompts(num_prompts: int, input_len: int, prefix_len: int, vocab_size: int) -> list[list[int]]:
+    """Fixed-seed prompts: a shared prefix of prefix_len tokens, then input_len tokens of each prompt's own."""
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randint(100, vocab_size - 100, (prefix_len,), generator=generator).tolist()
+    own = torch.randint(100, vocab_size - 100, (num_prompts, input_len), generator=generator).tolist()
+    return [shared + row for row in own]
+
+
+def throughput_command(args: argparse.Namespace) -> int:
+    from llminfer.engine import LLM, SamplingParams
+
+    def log(message: str) -> None:
+        print(f"llminfer: {message}", file=sys.stderr, flush=True)
+
+    log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
+              enable_prefix_caching=not args.no_prefix_caching)
+    prompts = synthetic_prompts(args.num_prompts, args.input_len, args.prefix_len, llm.model_config.vocab_size)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    engine = llm.engine
+    for prompt in prompts:
+        engine.add_request(prompt, params)
+    peak = {"used_slots": 0, "tokens_held": 0, "computed": 0}
+    start = time.perf_counter()
+    steps = 0
+    while engine.has_unfinished_requests():
+        batch_tokens = sum(len(o.outputs) for o in engine.step())
+        steps += 1
+        used_slots = engine.kv_cache_stats().used_blocks * engine.kv.block_size
+        if used_slots > peak["used_slots"]:
+            held = sum(r.num_computed_tokens for r in engine.scheduler.running)
+            peak.update(used_slots=used_slots, tokens_held=held)
+        if steps % 20 == 0:
+            log(f"step {steps}: {batch_tokens} requests advanced, {len(engine.scheduler.waiting)} waiting")
+    elapsed = time.perf_counter() - start
+    stats = llm.kv_cache_stats()
+    prompt_tokens = sum(map(len, prompts))
+    output_tokens = args.num_prompts * args.output_len
+    results = [ThroughputResult("llminfer", elapsed, args.num_prompts / elapsed, output_tokens / elapsed,
+                                (prompt_tokens + output_tokens) / elapsed)]
+    contiguous_slots = min(args.num_prompts, args.max_num_seqs) * llm.engine.max_model_len
+    report = {
+        "model": args.model, "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
+        "num_prompts": args.num_prompts, "input_len": args.input_len, "prefix_len": args.prefix_len,
+        "output_len": args.output_len, "prefix_caching": not args.no_prefix_caching,
+        "kv_block_size": stats.block_size, "kv_blocks_total": stats.total_blocks,
+        "kv_blocks_peak": stats.peak_used_blocks, "kv_slots_at_peak": peak["used_slots"],
+        "kv_tokens_held_at_peak": peak["tokens_held"], "contiguous_reservation_slots": contiguous_slots,
+        "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
+        "prefill_tokens_computed": prompt_tokens - stats.prefix_cache_hit_tokens, "prompt_tokens": prompt_tokens,
+        "preemptions": engine.scheduler.num_preemptions,
+    }
+    if args.compare == "hf":
+        del llm, engine
+        results.append(measure_transformers_throughput(args.model, args.dtype, args.device, prompts,
+                                                       args.output_len, args.hf_batch_size, log))
+        report["ratio_vs_transformers"] = {"output_tokens_per_s": results[0].output_tokens_per_s
+                                           / results[1].output_tokens_per_s}
+    report["results"] = [asdict(r) for r in results]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"model {args.model}  dtype {args.dtype}  threads {report['threads']}  prompts {args.num_prompts}  "
+          f"input {args.input_len} (+{args.prefix_len} shared)  output {args.output_len}")
+    print(f"{'engine':<14}{'seconds':>9}{'req/s':>9}{'out tok/s':>11}{'total tok/s':>13}")
+    for r in results:
+        print(f"{r.engine:<14}{r.seconds:>9.1f}{r.requests_per_s:>9.2f}{r.output_tokens_per_s:>11.1f}"
+              f"{r.total_tokens_per_s:>13.1f}")
+    overhead = peak["used_slots"] / max(peak["tokens_held"], 1) - 1
+    print(f"KV cache: peak {stats.peak_used_blocks} of {stats.total_blocks} blocks ({peak['used_slots']} slots for "
+          f"{peak['tokens_held']} tokens held, {overhead:.1%} overhead); contiguous per-request reservation of the "
+          f"full context: {contiguous_slots} slots")
+    print(f"prefix cache: {stats.prefix_cache_hit_rate:.1%} of prompt tokens hit; prefill computed "
+          f"{report['prefill_tokens_computed']} of {prompt_tokens} prompt tokens; preemptions {report['preemptions']}")
+    if "ratio_vs_transformers" in report:
+        print(f"llminfer / transformers output tokens/s: {report['ratio_vs_transformers']['output_tokens_per_s']:.2f}x")
+    return 0
+
+
+def measure_transformers_throughput(model_path: str, dtype: str, device: str, prompts: list[list[int]],
+                                    output_len: int, batch_size: int, log: Callable[[str], None]) -> ThroughputResult:
+    """transformers' batched generate, left-padded, greedy, batch_size prompts at a time."""
+    hf_model = load_transformers_model(model_path, dtype, device)
+    pad = 0
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch_size):
+        chunk = prompts[first:first + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        with torch.inference_mode():
+            hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
+                              do_sample=False, pad_token_id=pad, eos_token_id=None)
+        log(f"transformers: {first + len(chunk)}/{len(prompts)} prompts done")
+    elapsed = time.perf_counter() - start
+    output_tokens = len(prompts) * output_len
+    total = sum(map(len, prompts)) + output_tokens
+    return ThroughputResult("transformers", elapsed, len(prompts) / elapsed, output_tokens / elapsed, total / elapsed)

@@ -10,7 +10,8 @@ from llminfer.engine import LLM, SamplingParams
 
 def _load(args: argparse.Namespace) -> LLM:
     print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               kv_cache_memory=args.kv_cache_memory)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:

@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--compare", choices=["hf"], help="also run Hugging Face transformers on the same weights")
     latency.add_argument("--json", action="store_true", help="print JSON instead of a table")
     latency.set_defaults(handler=_lazy("llminfer.bench", "latency_command"))
+    throughput = bench_kinds.add_parser("throughput", help="requests/s and tokens/s of a many-request workload")
+    _model_arguments(throughput)
+    throughput.add_argument("--num-prompts", type=_positive, default=64)
+    throughput.add_argument("--input-len", type=_positive, default=128)
+    throughput.add_argument("--output-len", type=_positive, default=128)
+    throughput.add_argument("--prefix-len", type=int, default=0, help="tokens shared by every prompt, before its own")
+    throughput.add_argument("--max-num-seqs", type=_positive, default=64)
+    throughput.add_argument("--no-prefix-caching", action="store_true")
+    throughput.add_argument("--compare", choices=["hf"], help="also run transformers' batched generate")
+    throughput.add_argument("--hf-batch-size", type=_positive, default=64, help="prompts per transformers batch")
+    throughput.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    throughput.set_defaults(handler=_lazy("llminfer.bench", "throughput_command"))
     return parser
 
 
@@ -83,6 +95,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--max-model-len", type=_positive, help="cap on prompt + generated tokens")
+    parser.add_argument("--kv-cache-memory", help="KV cache budget: a size (2GiB, 512MB) or a fraction of free "
+                                                  "memory (0.3); default: a tenth of free RAM up to 2GiB on CPU")
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -48,6 +48,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
+        self.kv.begin_step()
         scheduled: list[Request] = []
         new_tokens: list[int] = []
         preempted_now = False
@@ -64,6 +65,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
+                self.kv.note_in_flight(request, request.num_computed_tokens + n)
                 scheduled.append(request)
                 new_tokens.append(n)
                 budget -= n
@@ -71,12 +73,15 @@ class Scheduler:
         while self.waiting and not preempted_now and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             cached = self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+            if self.kv.prefix_in_flight(request, cached):
+                break  # its next prefix block is being computed right now: take it from the cache next step
             cached_tokens = len(cached) * self.kv.block_size
             n = min(request.num_tokens - request.num_computed_tokens - cached_tokens, budget)
             if not self.kv.allocate(request, n, cached):
                 break
             self.kv.record_prefix_lookup(request.num_tokens, cached_tokens)
             request.num_computed_tokens += cached_tokens
+            self.kv.note_in_flight(request, request.num_computed_tokens + n)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)

@@ -52,6 +52,7 @@ class KVCacheManager:
         self._root = root_hash(model_identity)
         self._tables: dict[str, _Table] = {}
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies the runner must do first
+        self._in_flight: set[bytes] = set()  # hashes of blocks being computed in the current step
         self.hit_tokens = self.queried_tokens = 0
         self.peak_used_blocks = 0
 
@@ -77,6 +78,30 @@ class KVCacheManager:
                 break
             found.append(block)
         return found
+
+    def begin_step(self) -> None:
+        self._in_flight.clear()
+
+    def note_in_flight(self, request: KVRequest, num_tokens_after_step: int) -> None:
+        """Remember which full blocks this step will compute for the request."""
+        if not self.enable_prefix_caching:
+            return
+        table, tokens = self._tables[request.request_id], request.all_token_ids
+        parent = table.hashes[-1] if table.hashes else self._root
+        for i in range(len(table.hashes), num_tokens_after_step // self.block_size):
+            parent = hash_block(parent, tokens[i * self.block_size:(i + 1) * self.block_size])
+            self._in_flight.add(parent)
+
+    def prefix_in_flight(self, request: KVRequest, cached_prefix: Sequence[KVBlock]) -> bool:
+        """Whether the first block the request would compute is being computed by another request now:
+        waiting one step turns that block into a prefix-cache hit instead of duplicate work."""
+        if not self.enable_prefix_caching:
+            return False
+        start, tokens = len(cached_prefix) * self.block_size, request.all_token_ids
+        if start + self.block_size > len(tokens) - 1:
+            return False
+        parent = cached_prefix[-1].block_hash if cached_prefix else self._root
+        return hash_block(parent, tokens[start:start + self.block_size]) in self._in_flight
 
     # --- allocation ---------------------------------------------------------------------------
 
