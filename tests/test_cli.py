@@ -127,3 +127,20 @@ def test_bench_latency_reports_both_engines_as_json(tiny_llama_folder):
     for r in report["results"]:
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["ttft_ms"] > 0
     assert set(report["ratio_vs_transformers"]) == {"prefill", "decode", "ttft"}
+
+
+def test_bench_throughput_reports_kv_use_and_prefix_hits(tiny_llama_folder):
+    result = run_cli("bench", "throughput", "--model", str(tiny_llama_folder), "--num-prompts", "6", "--input-len",
+                     "8", "--prefix-len", "32", "--output-len", "4", "--kv-cache-memory", "1MiB", "--compare", "hf",
+                     "--hf-batch-size", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [r["engine"] for r in report["results"]] == ["llminfer", "transformers"]
+    assert report["prompt_tokens"] == 6 * 40
+    assert report["prefix_cache_hit_rate"] == pytest.approx(5 * 32 / 240)  # all but the first prompt hit
+    assert report["prefill_tokens_computed"] == 240 - 5 * 32
+    assert 0 < report["kv_blocks_peak"] <= report["kv_blocks_total"]
+
+
+def test_bad_kv_cache_memory_is_named():
+    assert_one_line_error(run_cli("generate", "--kv-cache-memory", "lots", "hi"), "kv_cache_memory 'lots'")

@@ -60,13 +60,13 @@ def test_chunked_prefill_matches_one_prefill(tiny_llama_folder):
 def attention_oracle(q, key_cache, value_cache, block_tables, context_lens, scale, window=None):
     """Float64, one sequence and one head at a time, straight from the definition."""
     out = torch.zeros(q.shape, dtype=torch.float64)
-    block_size = key_cache.shape[1]
-    group = q.shape[1] // key_cache.shape[2]
+    block_size = key_cache.shape[2]  # [num_blocks, Hkv, block_size, D]
+    group = q.shape[1] // key_cache.shape[1]
     for b, length in enumerate(context_lens):
         for h in range(q.shape[1]):
-            keys = torch.stack([key_cache[block_tables[b, p // block_size], p % block_size, h // group]
+            keys = torch.stack([key_cache[block_tables[b, p // block_size], h // group, p % block_size]
                                 for p in range(length)]).double()
-            values = torch.stack([value_cache[block_tables[b, p // block_size], p % block_size, h // group]
+            values = torch.stack([value_cache[block_tables[b, p // block_size], h // group, p % block_size]
                                   for p in range(length)]).double()
             scores = keys @ q[b, h].double() * scale
             if window is not None:
@@ -80,8 +80,8 @@ def attention_oracle(q, key_cache, value_cache, block_tables, context_lens, scal
 def test_paged_decode_attention_equals_float64_oracle(num_heads, num_kv_heads, window):
     generator = torch.Generator().manual_seed(num_heads * 10 + num_kv_heads)
     block_size, num_blocks, head_dim = 4, 40, 8
-    key_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
-    value_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
+    key_cache = torch.randn(num_blocks, num_kv_heads, block_size, head_dim, generator=generator)
+    value_cache = torch.randn(num_blocks, num_kv_heads, block_size, head_dim, generator=generator)
     context_lens = [1, 7, 16, 23, 4]
     block_tables = torch.zeros(len(context_lens), 6, dtype=torch.long)
     for b in range(len(context_lens)):  # random, non-contiguous, non-overlapping blocks

@@ -1,8 +1,9 @@
 """Paged KV storage and attention over it.
 
-Each layer's keys and values live in one pool tensor [num_blocks, block_size, Hkv, D]; a sequence's
-history is the concatenation of the blocks its block table lists. New tokens are written through a
-slot mapping (flat position block_id * block_size + offset), so writing never cares about order.
+Each layer's keys and values live in one pool tensor [num_blocks, Hkv, block_size, D]; a sequence's
+history is the concatenation of the blocks its block table lists. Heads before positions, so that one
+head of one block is a contiguous [block_size, D] matrix that matmuls can read in place. New tokens are
+written through a slot mapping (flat position block_id * block_size + offset).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: str | torch.device) -> None:
         # Zeroed, not empty: masked-out positions still pass through the value matmul (0 * NaN = NaN).
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -37,10 +38,16 @@ class PagedKVCache:
             cache[dst] = cache[src]
 
 
+def write_slots(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
+    """Store values [T, Hkv, D] at flat slots block_id * block_size + offset."""
+    block_size = cache.shape[2]
+    cache[slot_mapping // block_size, :, slot_mapping % block_size] = values
+
+
 def gather_history(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached positions of one sequence: [length, Hkv, D] (a copy)."""
-    blocks = -(-length // cache.shape[1])
-    return cache[block_table[:blocks]].flatten(0, 1)[:length]
+    """The first `length` cached positions of one sequence: [Hkv, length, D] (a copy)."""
+    blocks = -(-length // cache.shape[2])
+    return cache[block_table[:blocks]].transpose(0, 1).flatten(1, 2)[:, :length]
 
 
 def paged_decode_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -49,14 +56,14 @@ def paged_decode_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, v
     """Plain per-sequence attention for one query each: q [B, Hq, D] -> [B, Hq, D]. The readable version."""
     out = torch.empty_like(q)
     for i, length in enumerate(context_lens):
-        keys = gather_history(key_cache, block_tables[i], length).float()  # [L, Hkv, D]
+        keys = gather_history(key_cache, block_tables[i], length).float()  # [Hkv, L, D]
         values = gather_history(value_cache, block_tables[i], length).float()
-        group = q.shape[1] // keys.shape[1]
-        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)  # [L, Hq, D]
-        scores = torch.einsum("hd,lhd->hl", q[i].float(), keys) * scale  # [Hq, L]
+        group = q.shape[1] // keys.shape[0]
+        keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)  # [Hq, L, D]
+        scores = torch.einsum("hd,hld->hl", q[i].float(), keys) * scale  # [Hq, L]
         if sliding_window is not None:
             scores[:, : max(0, length - sliding_window)] = float("-inf")
-        out[i] = torch.einsum("hl,lhd->hd", scores.softmax(dim=-1), values).to(q.dtype)
+        out[i] = torch.einsum("hl,hld->hd", scores.softmax(dim=-1), values).to(q.dtype)
     return out
 
 
@@ -65,21 +72,24 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
                            sliding_window: int | None = None) -> torch.Tensor:
     """One query per sequence over block tables of unequal lengths, batched: q [B, Hq, D] -> [B, Hq, D].
 
-    Only the blocks each sequence uses are read (a batch-wide gather of block_tables[:, :max_blocks]),
-    then grouped-query heads become one [G, D] x [D, L] matmul per KV head, masked by length.
+    The blocks in use are gathered once ([B, nb, Hkv, bs, D], nothing else of the history is copied)
+    and attended block by block in place: scores per (sequence, block, KV head) are a [G, D] x [D, bs]
+    matmul, softmax runs over all blocks of a sequence, and the weighted values are summed over blocks.
     """
     batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    longest = max(context_lens)
-    used = block_tables[:, : -(-longest // block_size)]
-    keys = key_cache[used].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L', D]
-    values = value_cache[used].flatten(1, 2).transpose(1, 2)
-    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
-    scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * scale  # [B, Hkv, G, L']
+    num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_blocks = -(-max(context_lens) // block_size)
+    used = block_tables[:, :num_blocks]
+    keys, values = key_cache[used], value_cache[used]  # [B, nb, Hkv, bs, D]
+    grouped = q.view(batch, 1, num_kv_heads, group, head_dim)  # broadcast over blocks
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [B, nb, Hkv, G, bs]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group, num_blocks * block_size)
     positions = torch.tensor(context_lens, device=q.device) - 1
-    visible = visibility_mask(positions, scores.shape[-1], sliding_window)  # [B, L']
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    out = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [B, Hkv, G, D]
+    visible = visibility_mask(positions, num_blocks * block_size, sliding_window)  # [B, L]
+    probs = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(dim=-1).to(values.dtype)
+    probs = probs.view(batch, num_kv_heads, group, num_blocks, block_size).permute(0, 3, 1, 2, 4)  # [B,nb,Hkv,G,bs]
+    out = torch.matmul(probs, values).sum(dim=1)  # [B, Hkv, G, D]
     return out.reshape(batch, num_heads, head_dim)
 
 
@@ -94,8 +104,8 @@ class PagedAttentionBackend(AttentionBackend):
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
         keys, values = self.cache.keys[layer.layer_idx], self.cache.values[layer.layer_idx]
-        keys.view(-1, *keys.shape[2:]).index_copy_(0, metadata.slot_mapping, k)
-        values.view(-1, *values.shape[2:]).index_copy_(0, metadata.slot_mapping, v)
+        write_slots(keys, metadata.slot_mapping, k)
+        write_slots(values, metadata.slot_mapping, v)
         starts, query_lens = metadata.query_start_loc, metadata.query_lens
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
         out = torch.empty_like(q)
@@ -114,8 +124,8 @@ class PagedAttentionBackend(AttentionBackend):
                  block_table: torch.Tensor, length: int) -> torch.Tensor:
         q_len = q.shape[0]
         qi = q.transpose(0, 1)  # [Hq, q_len, D]
-        ki = gather_history(keys, block_table, length).transpose(0, 1)  # [Hkv, L, D]
-        vi = gather_history(values, block_table, length).transpose(0, 1)
+        ki = gather_history(keys, block_table, length)  # [Hkv, L, D]
+        vi = gather_history(values, block_table, length)
         window_matters = layer.sliding_window is not None and length > layer.sliding_window
         if q_len == length and not window_matters:
             out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=layer.scale, enable_gqa=True)
