@@ -186,15 +186,17 @@ def throughput_command(args: argparse.Namespace) -> int:
     engine = llm.engine
     for prompt in prompts:
         engine.add_request(prompt, params)
-    peak = {"used_slots": 0, "tokens_held": 0, "computed": 0}
+    peak = {"used_slots": 0, "tokens_held": 0}
+    slot_steps = token_steps = 0  # KV slots in use and tokens they hold, summed over steps
     start = time.perf_counter()
     steps = 0
     while engine.has_unfinished_requests():
         batch_tokens = sum(len(o.outputs) for o in engine.step())
         steps += 1
         used_slots = engine.kv_cache_stats().used_blocks * engine.kv.block_size
+        held = sum(r.num_computed_tokens for r in engine.scheduler.running)
+        slot_steps, token_steps = slot_steps + used_slots, token_steps + held
         if used_slots > peak["used_slots"]:
-            held = sum(r.num_computed_tokens for r in engine.scheduler.running)
             peak.update(used_slots=used_slots, tokens_held=held)
         if steps % 20 == 0:
             log(f"step {steps}: {batch_tokens} requests advanced, {len(engine.scheduler.waiting)} waiting")
@@ -212,6 +214,7 @@ def throughput_command(args: argparse.Namespace) -> int:
         "kv_block_size": stats.block_size, "kv_blocks_total": stats.total_blocks,
         "kv_blocks_peak": stats.peak_used_blocks, "kv_slots_at_peak": peak["used_slots"],
         "kv_tokens_held_at_peak": peak["tokens_held"], "contiguous_reservation_slots": contiguous_slots,
+        "kv_slot_overhead_mean": slot_steps / max(token_steps, 1) - 1,
         "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
         "prefill_tokens_computed": prompt_tokens - stats.prefix_cache_hit_tokens, "prompt_tokens": prompt_tokens,
         "preemptions": engine.scheduler.num_preemptions,
@@ -234,8 +237,8 @@ def throughput_command(args: argparse.Namespace) -> int:
               f"{r.total_tokens_per_s:>13.1f}")
     overhead = peak["used_slots"] / max(peak["tokens_held"], 1) - 1
     print(f"KV cache: peak {stats.peak_used_blocks} of {stats.total_blocks} blocks ({peak['used_slots']} slots for "
-          f"{peak['tokens_held']} tokens held, {overhead:.1%} overhead); contiguous per-request reservation of the "
-          f"full context: {contiguous_slots} slots")
+          f"{peak['tokens_held']} tokens held, {overhead:.1%} overhead; {report['kv_slot_overhead_mean']:.1%} averaged "
+          f"over the run); contiguous per-request reservation of the full context: {contiguous_slots} slots")
     print(f"prefix cache: {stats.prefix_cache_hit_rate:.1%} of prompt tokens hit; prefill computed "
           f"{report['prefill_tokens_computed']} of {prompt_tokens} prompt tokens; preemptions {report['preemptions']}")
     if "ratio_vs_transformers" in report:

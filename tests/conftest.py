@@ -21,6 +21,21 @@ def prefill_logits(model, prompts: list[list[int]]) -> torch.Tensor:
     return engine.runner.compute_logits(engine.scheduler.schedule())
 
 
+@pytest.fixture(autouse=True)
+def check_kv_pool_after_every_step(monkeypatch):
+    """In every test, the KV block pool's invariants are verified after each engine step."""
+    from llminfer.engine.llm_engine import LLMEngine
+
+    original_step = LLMEngine.step
+
+    def checked_step(self):
+        outputs = original_step(self)
+        self.kv.check_invariants()
+        return outputs
+
+    monkeypatch.setattr(LLMEngine, "step", checked_step)
+
+
 TINY_COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 

@@ -137,6 +137,18 @@ def test_abort_mid_generation_frees_blocks_and_spares_the_others(tiny_model):
     assert_pool_empty(engine)
 
 
+def test_reference_and_batched_paged_attention_generate_the_same(tiny_model):
+    prompts = make_prompts(6, 40, seed=3)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    results = []
+    for reference in (False, True):
+        engine = LLMEngine(tiny_model, None, EngineConfig(block_size=4), reference_attention=reference)
+        requests = [engine.add_request(p, params) for p in prompts]
+        run_checked(engine)
+        results.append([r.output_token_ids for r in requests])
+    assert results[0] == results[1]
+
+
 def test_generate_takes_one_sampling_params_per_prompt(tiny_llama_folder):
     llm = LLM(str(tiny_llama_folder))
     outputs = llm.generate([[1, 2], [3, 4]], [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
