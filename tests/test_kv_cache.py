@@ -77,15 +77,17 @@ def attention_oracle(q, key_cache, value_cache, block_tables, context_lens, scal
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (6, 1)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_paged_decode_attention_equals_float64_oracle(num_heads, num_kv_heads, window):
+@pytest.mark.parametrize("shared_prefix_blocks", [0, 2])
+def test_paged_decode_attention_equals_float64_oracle(num_heads, num_kv_heads, window, shared_prefix_blocks):
     generator = torch.Generator().manual_seed(num_heads * 10 + num_kv_heads)
     block_size, num_blocks, head_dim = 4, 40, 8
     key_cache = torch.randn(num_blocks, num_kv_heads, block_size, head_dim, generator=generator)
     value_cache = torch.randn(num_blocks, num_kv_heads, block_size, head_dim, generator=generator)
-    context_lens = [1, 7, 16, 23, 4]
+    context_lens = [1, 7, 16, 23, 4] if not shared_prefix_blocks else [9, 17, 16, 23, 12]
     block_tables = torch.zeros(len(context_lens), 6, dtype=torch.long)
-    for b in range(len(context_lens)):  # random, non-contiguous, non-overlapping blocks
+    for b in range(len(context_lens)):  # random, non-contiguous blocks
         block_tables[b] = torch.randperm(num_blocks, generator=generator)[:6]
+    block_tables[:, :shared_prefix_blocks] = block_tables[0, :shared_prefix_blocks]  # a common prompt prefix
     q = torch.randn(len(context_lens), num_heads, head_dim, generator=generator)
     expected = attention_oracle(q, key_cache, value_cache, block_tables, context_lens, 0.3, window)
     for op in (paged_decode_attention, paged_decode_attention_reference):

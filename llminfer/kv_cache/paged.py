@@ -72,25 +72,51 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
                            sliding_window: int | None = None) -> torch.Tensor:
     """One query per sequence over block tables of unequal lengths, batched: q [B, Hq, D] -> [B, Hq, D].
 
-    The blocks in use are gathered once ([B, nb, Hkv, bs, D], nothing else of the history is copied)
-    and attended block by block in place: scores per (sequence, block, KV head) are a [G, D] x [D, bs]
-    matmul, softmax runs over all blocks of a sequence, and the weighted values are summed over blocks.
+    Leading blocks that every sequence shares (a common system prompt) are read in place, once, for the
+    whole batch. The other blocks in use are gathered once ([B, nb, Hkv, bs, D]; nothing else of the
+    history is copied) and attended block by block: scores per (sequence, block, KV head) are a
+    [G, D] x [D, bs] matmul, softmax runs over all positions of a sequence, and the weighted values are
+    summed over blocks.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     num_blocks = -(-max(context_lens) // block_size)
-    used = block_tables[:, :num_blocks]
-    keys, values = key_cache[used], value_cache[used]  # [B, nb, Hkv, bs, D]
-    grouped = q.view(batch, 1, num_kv_heads, group, head_dim)  # broadcast over blocks
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [B, nb, Hkv, G, bs]
-    scores = scores.permute(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, group, num_blocks * block_size)
+    shared = _shared_leading_blocks(block_tables[:, :num_blocks], min(context_lens) // block_size)
+    grouped = q.view(batch, num_kv_heads, group, head_dim)
+
+    # Shared blocks: [Hkv, B*G, D] x [Hkv, D, S] in one matmul, no copy of the blocks per sequence.
+    shared_ids = block_tables[0, :shared]
+    shared_keys = key_cache[shared_ids].transpose(0, 1).flatten(1, 2)  # [Hkv, S, D]
+    shared_values = value_cache[shared_ids].transpose(0, 1).flatten(1, 2)
+    q_by_head = grouped.permute(1, 0, 2, 3).reshape(num_kv_heads, batch * group, head_dim)
+    shared_scores = torch.matmul(q_by_head, shared_keys.transpose(1, 2)).view(num_kv_heads, batch, group, -1)
+    shared_scores = shared_scores.permute(1, 0, 2, 3)  # [B, Hkv, G, S]
+
+    # Each sequence's own blocks.
+    own = block_tables[:, shared:num_blocks]
+    keys, values = key_cache[own], value_cache[own]  # [B, no, Hkv, bs, D]
+    own_scores = torch.matmul(grouped.unsqueeze(1), keys.transpose(-1, -2))  # [B, no, Hkv, G, bs]
+    own_scores = own_scores.permute(0, 2, 3, 1, 4).flatten(3, 4)  # [B, Hkv, G, no*bs]
+
+    scores = torch.cat([shared_scores, own_scores], dim=-1).float() * scale  # [B, Hkv, G, L]
     positions = torch.tensor(context_lens, device=q.device) - 1
-    visible = visibility_mask(positions, num_blocks * block_size, sliding_window)  # [B, L]
+    visible = visibility_mask(positions, scores.shape[-1], sliding_window)  # [B, L]
     probs = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(dim=-1).to(values.dtype)
-    probs = probs.view(batch, num_kv_heads, group, num_blocks, block_size).permute(0, 3, 1, 2, 4)  # [B,nb,Hkv,G,bs]
-    out = torch.matmul(probs, values).sum(dim=1)  # [B, Hkv, G, D]
+    split = shared * block_size
+    shared_probs = probs[..., :split].permute(1, 0, 2, 3).reshape(num_kv_heads, batch * group, split)
+    out = torch.matmul(shared_probs, shared_values).view(num_kv_heads, batch, group, head_dim).permute(1, 0, 2, 3)
+    own_probs = probs[..., split:].unflatten(-1, (num_blocks - shared, block_size)).permute(0, 3, 1, 2, 4)
+    out = out + torch.matmul(own_probs, values).sum(dim=1)  # [B, Hkv, G, D]
     return out.reshape(batch, num_heads, head_dim)
+
+
+def _shared_leading_blocks(block_tables: torch.Tensor, full_blocks_everywhere: int) -> int:
+    """How many leading block-table columns name the same block for every sequence of the batch."""
+    if block_tables.shape[0] < 2:
+        return 0
+    same = (block_tables == block_tables[:1]).all(dim=0)[:full_blocks_everywhere]
+    return int(same.cumprod(0).sum()) if same.numel() else 0
 
 
 class PagedAttentionBackend(AttentionBackend):
