@@ -22,6 +22,17 @@ from typing import Callable
 import torch
 
 
+def _log(message: str) -> None:
+    print(f"llminfer: {message}", file=sys.stderr, flush=True)
+
+
+def _print_table(results: list, columns: list[tuple[str, str, str]]) -> None:
+    """One row per engine; columns are (title, result attribute, format spec)."""
+    print(f"{'engine':<14}" + "".join(f"{title:>{len(title) + 3}}" for title, _, _ in columns))
+    for r in results:
+        print(f"{r.engine:<14}" + "".join(f"{getattr(r, attr):>{len(title) + 3}{spec}}" for title, attr, spec in columns))
+
+
 @dataclass
 class LatencyResult:
     engine: str
@@ -113,9 +124,7 @@ def load_transformers_model(model: str, dtype: str, device: str):
 def latency_command(args: argparse.Namespace) -> int:
     from llminfer.engine import LLM
 
-    def log(message: str) -> None:
-        print(f"llminfer: {message}", file=sys.stderr, flush=True)
-
+    log = _log
     log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               max_num_seqs=args.batch_size, kv_cache_memory=args.kv_cache_memory)
@@ -144,9 +153,8 @@ def latency_command(args: argparse.Namespace) -> int:
         return 0
     print(f"model {args.model}  dtype {args.dtype}  device {args.device}  threads {report['threads']}  "
           f"batch {args.batch_size}  input {args.input_len}  output {args.output_len}")
-    print(f"{'engine':<14}{'prefill tok/s':>15}{'decode tok/s':>15}{'TTFT ms':>10}")
-    for r in results:
-        print(f"{r.engine:<14}{r.prefill_tokens_per_s:>15.1f}{r.decode_tokens_per_s:>15.1f}{r.ttft_ms:>10.1f}")
+    _print_table(results, [("prefill tok/s", "prefill_tokens_per_s", ".1f"), ("decode tok/s", "decode_tokens_per_s", ".1f"),
+                           ("TTFT ms", "ttft_ms", ".1f")])
     if "ratio_vs_transformers" in report:
         ratio = report["ratio_vs_transformers"]
         print(f"llminfer / transformers: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x, "
@@ -174,9 +182,7 @@ def synthetic_prompts(num_prompts: int, input_len: int, prefix_len: int, vocab_s
 def throughput_command(args: argparse.Namespace) -> int:
     from llminfer.engine import LLM, SamplingParams
 
-    def log(message: str) -> None:
-        print(f"llminfer: {message}", file=sys.stderr, flush=True)
-
+    log = _log
     log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
@@ -231,10 +237,8 @@ def throughput_command(args: argparse.Namespace) -> int:
         return 0
     print(f"model {args.model}  dtype {args.dtype}  threads {report['threads']}  prompts {args.num_prompts}  "
           f"input {args.input_len} (+{args.prefix_len} shared)  output {args.output_len}")
-    print(f"{'engine':<14}{'seconds':>9}{'req/s':>9}{'out tok/s':>11}{'total tok/s':>13}")
-    for r in results:
-        print(f"{r.engine:<14}{r.seconds:>9.1f}{r.requests_per_s:>9.2f}{r.output_tokens_per_s:>11.1f}"
-              f"{r.total_tokens_per_s:>13.1f}")
+    _print_table(results, [("seconds", "seconds", ".1f"), ("req/s", "requests_per_s", ".2f"),
+                           ("out tok/s", "output_tokens_per_s", ".1f"), ("total tok/s", "total_tokens_per_s", ".1f")])
     overhead = peak["used_slots"] / max(peak["tokens_held"], 1) - 1
     print(f"KV cache: peak {stats.peak_used_blocks} of {stats.total_blocks} blocks ({peak['used_slots']} slots for "
           f"{peak['tokens_held']} tokens held, {overhead:.1%} overhead; {report['kv_slot_overhead_mean']:.1%} averaged "
