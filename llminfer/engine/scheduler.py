@@ -25,10 +25,6 @@ class ScheduledBatch:
     block_tables: list[list[int]]  # block ids of each request, after this step's allocation
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, to do before the step
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
 
 class Scheduler:
     def __init__(self, kv_manager: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:

@@ -148,6 +148,8 @@ class KVCacheManager:
         if table is None:
             return
         full = request.num_computed_tokens // self.block_size
+        if full <= len(table.hashes):  # most decode steps complete no block
+            return
         tokens = request.all_token_ids
         for i in range(len(table.hashes), full):
             parent = table.hashes[-1] if table.hashes else self._root
