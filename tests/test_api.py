@@ -220,3 +220,19 @@ def test_missing_shard_is_named(tmp_path):
 
     with pytest.raises(ModelFormatError, match=shard.name):
         AutoModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("text,expected", [("2GiB", 2 * 2**30), ("512MB", 512 * 10**6), ("1.5KiB", 1536),
+                                           (4096, 4096), ("0.25", 0.25), (0.5, 0.5)])
+def test_kv_cache_memory_accepts_sizes_and_fractions(text, expected):
+    from llminfer.config import parse_memory
+
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1GB", "1.5", 0, True, "3TB"])
+def test_kv_cache_memory_rejects_nonsense(bad):
+    from llminfer.config import parse_memory
+
+    with pytest.raises(ConfigError, match="kv_cache_memory"):
+        parse_memory(bad)
