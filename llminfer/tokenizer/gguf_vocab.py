@@ -53,8 +53,8 @@ def tokenizer_from_gguf_metadata(metadata: dict[str, Any], name: str) -> Tokeniz
         raise TokenizerError(f"{name}: GGUF has no tokenizer.ggml.tokens vocabulary")
     types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
     bos_id, eos_id = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get("tokenizer.ggml.eos_token_id")
-    # A file whose BOS is also its EOS (SmolLM2, Qwen2) uses it as a placeholder: the reference
-    # tokenizers of those models add no BOS, whatever add_bos_token says.
+    # A file whose BOS is also its EOS (Qwen2's <|endoftext|>) uses it as a placeholder: the reference
+    # tokenizers of such models add no BOS, whatever add_bos_token says.
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", model == "llama")) and bos_id != eos_id
     if model == "gpt2":
         pre = metadata.get("tokenizer.ggml.pre", "default")

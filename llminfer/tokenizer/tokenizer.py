@@ -11,8 +11,9 @@ from tokenizers import Tokenizer as BackendTokenizer
 from llminfer.errors import TokenizerError
 from llminfer.tokenizer.chat_template import render_chat_template
 
-# Control tokens that end a turn in common chat formats. A GGUF often names only one EOS (SmolLM2's
-# names <|im_start|>), so, like llama.cpp, generation also stops at these when the vocabulary has them.
+# Control tokens that end a turn in common chat formats. A checkpoint often names only one EOS (Llama 3's
+# config names <|end_of_text|>, its chat turns end with <|eot_id|>), so, like llama.cpp, generation also
+# stops at these when the vocabulary has them.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>",
                       "</s>", "<end_of_turn>", "<|end|>")
 
