@@ -142,16 +142,19 @@ class PagedAttentionBackend(AttentionBackend):
                                               layer.sliding_window)
         for i, q_len in enumerate(query_lens):
             if q_len > 1:
-                out[starts[i]:starts[i + 1]] = self._prefill(layer, q[starts[i]:starts[i + 1]], keys, values,
-                                                             metadata.block_tables[i], metadata.context_lens[i])
+                rows = slice(starts[i], starts[i + 1])
+                if q_len == metadata.context_lens[i]:  # a whole prompt: its history is exactly this chunk
+                    history_k, history_v = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                else:
+                    history_k = gather_history(keys, metadata.block_tables[i], metadata.context_lens[i])
+                    history_v = gather_history(values, metadata.block_tables[i], metadata.context_lens[i])
+                out[rows] = self._prefill(layer, q[rows], history_k, history_v)
         return out
 
-    def _prefill(self, layer: Attention, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 block_table: torch.Tensor, length: int) -> torch.Tensor:
-        q_len = q.shape[0]
+    def _prefill(self, layer: Attention, q: torch.Tensor, ki: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
+        """q: [q_len, Hq, D] of the last q_len positions; ki/vi: [Hkv, L, D] the whole history."""
+        q_len, length = q.shape[0], ki.shape[1]
         qi = q.transpose(0, 1)  # [Hq, q_len, D]
-        ki = gather_history(keys, block_table, length)  # [Hkv, L, D]
-        vi = gather_history(values, block_table, length)
         window_matters = layer.sliding_window is not None and length > layer.sliding_window
         if q_len == length and not window_matters:
             out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=layer.scale, enable_gqa=True)
