@@ -223,12 +223,12 @@ class EngineConfig:
 
     def kv_cache_bytes(self) -> int:
         """The KV pool's byte budget: as given, or a share of the device's free memory."""
-        free = _free_memory_bytes(self.device)
         if self.kv_cache_memory is None:
             # CPU: a tenth of available RAM, at most 2 GiB; GPU: half of what is free after loading weights.
+            free = _free_memory_bytes(self.device)
             return int(free * 0.5) if torch.device(self.device).type == "cuda" else min(2 << 30, free // 10)
         value = parse_memory(self.kv_cache_memory)
-        return int(free * value) if isinstance(value, float) else value
+        return int(_free_memory_bytes(self.device) * value) if isinstance(value, float) else value
 
 
 _MEMORY_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -13,7 +13,7 @@ from conftest import prefill_logits
 from llminfer import AutoModel, EngineConfig, SamplingParams
 from llminfer.engine.llm_engine import LLMEngine
 from llminfer.kv_cache import KVCacheManager
-from llminfer.kv_cache.paged import paged_decode_attention, paged_decode_attention_reference
+from llminfer.kv_cache.paged import DecodeBatch, paged_decode_attention, paged_decode_attention_reference
 
 
 def full_recompute_logits(model, ids: list[int]) -> torch.Tensor:
@@ -90,8 +90,10 @@ def test_paged_decode_attention_equals_float64_oracle(num_heads, num_kv_heads, w
     block_tables[:, :shared_prefix_blocks] = block_tables[0, :shared_prefix_blocks]  # a common prompt prefix
     q = torch.randn(len(context_lens), num_heads, head_dim, generator=generator)
     expected = attention_oracle(q, key_cache, value_cache, block_tables, context_lens, 0.3, window)
+    batch = DecodeBatch.build(block_tables, context_lens, block_size)
+    assert batch.num_shared == shared_prefix_blocks
     for op in (paged_decode_attention, paged_decode_attention_reference):
-        got = op(q, key_cache, value_cache, block_tables, context_lens, 0.3, window)
+        got = op(q, key_cache, value_cache, batch, 0.3, window)
         torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5, msg=op.__name__)
 
 

@@ -8,6 +8,8 @@ written through a slot mapping (flat position block_id * block_size + offset).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -50,14 +52,42 @@ def gather_history(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     return cache[block_table[:blocks]].transpose(0, 1).flatten(1, 2)[:, :length]
 
 
+@dataclass
+class DecodeBatch:
+    """What every layer's decode attention needs to know about the step's single-token sequences.
+    Built once per step; the layers only differ in their caches."""
+
+    block_tables: torch.Tensor  # [B, nb] blocks in use (nb covers the longest sequence)
+    context_lens: list[int]
+    positions: torch.Tensor  # [B] each query's own position
+    num_shared: int  # leading columns naming the same full block for every sequence
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, block_tables: torch.Tensor, context_lens: list[int], block_size: int) -> "DecodeBatch":
+        used = block_tables[:, : -(-max(context_lens) // block_size)]
+        shared = 0
+        if used.shape[0] > 1:
+            same = (used == used[:1]).all(dim=0)[: min(context_lens) // block_size]
+            shared = int(same.cumprod(0).sum()) if same.numel() else 0
+        positions = torch.tensor(context_lens, device=block_tables.device) - 1
+        return cls(used, context_lens, positions, shared)
+
+    def visible(self, num_positions: int, sliding_window: int | None) -> torch.Tensor:
+        """[B, L] which cached positions each query may attend to (memoized per window)."""
+        if sliding_window not in self._masks:
+            self._masks[sliding_window] = visibility_mask(self.positions, num_positions, sliding_window)
+        return self._masks[sliding_window]
+
+
 def paged_decode_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                                     block_tables: torch.Tensor, context_lens: list[int], scale: float,
-                                     sliding_window: int | None = None) -> torch.Tensor:
+                                     batch: DecodeBatch, scale: float, sliding_window: int | None = None
+                                     ) -> torch.Tensor:
     """Plain per-sequence attention for one query each: q [B, Hq, D] -> [B, Hq, D]. The readable version."""
     out = torch.empty_like(q)
-    for i, length in enumerate(context_lens):
-        keys = gather_history(key_cache, block_tables[i], length).float()  # [Hkv, L, D]
-        values = gather_history(value_cache, block_tables[i], length).float()
+    for i, length in enumerate(batch.context_lens):
+        keys = gather_history(key_cache, batch.block_tables[i], length).float()  # [Hkv, L, D]
+        values = gather_history(value_cache, batch.block_tables[i], length).float()
         group = q.shape[1] // keys.shape[0]
         keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)  # [Hq, L, D]
         scores = torch.einsum("hd,hld->hl", q[i].float(), keys) * scale  # [Hq, L]
@@ -68,8 +98,7 @@ def paged_decode_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, v
 
 
 def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: list[int], scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           batch: DecodeBatch, scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """One query per sequence over block tables of unequal lengths, batched: q [B, Hq, D] -> [B, Hq, D].
 
     Leading blocks that every sequence shares (a common system prompt) are read in place, once, for the
@@ -78,45 +107,35 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     [G, D] x [D, bs] matmul, softmax runs over all positions of a sequence, and the weighted values are
     summed over blocks.
     """
-    batch, num_heads, head_dim = q.shape
+    num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
-    num_blocks = -(-max(context_lens) // block_size)
-    shared = _shared_leading_blocks(block_tables[:, :num_blocks], min(context_lens) // block_size)
-    grouped = q.view(batch, num_kv_heads, group, head_dim)
+    shared, num_blocks = batch.num_shared, batch.block_tables.shape[1]
+    grouped = q.view(num_seqs, num_kv_heads, group, head_dim)
 
     # Shared blocks: [Hkv, B*G, D] x [Hkv, D, S] in one matmul, no copy of the blocks per sequence.
-    shared_ids = block_tables[0, :shared]
+    shared_ids = batch.block_tables[0, :shared]
     shared_keys = key_cache[shared_ids].transpose(0, 1).flatten(1, 2)  # [Hkv, S, D]
     shared_values = value_cache[shared_ids].transpose(0, 1).flatten(1, 2)
-    q_by_head = grouped.permute(1, 0, 2, 3).reshape(num_kv_heads, batch * group, head_dim)
-    shared_scores = torch.matmul(q_by_head, shared_keys.transpose(1, 2)).view(num_kv_heads, batch, group, -1)
+    q_by_head = grouped.permute(1, 0, 2, 3).reshape(num_kv_heads, num_seqs * group, head_dim)
+    shared_scores = torch.matmul(q_by_head, shared_keys.transpose(1, 2)).view(num_kv_heads, num_seqs, group, -1)
     shared_scores = shared_scores.permute(1, 0, 2, 3)  # [B, Hkv, G, S]
 
     # Each sequence's own blocks.
-    own = block_tables[:, shared:num_blocks]
+    own = batch.block_tables[:, shared:]
     keys, values = key_cache[own], value_cache[own]  # [B, no, Hkv, bs, D]
     own_scores = torch.matmul(grouped.unsqueeze(1), keys.transpose(-1, -2))  # [B, no, Hkv, G, bs]
     own_scores = own_scores.permute(0, 2, 3, 1, 4).flatten(3, 4)  # [B, Hkv, G, no*bs]
 
     scores = torch.cat([shared_scores, own_scores], dim=-1).float() * scale  # [B, Hkv, G, L]
-    positions = torch.tensor(context_lens, device=q.device) - 1
-    visible = visibility_mask(positions, scores.shape[-1], sliding_window)  # [B, L]
+    visible = batch.visible(scores.shape[-1], sliding_window)  # [B, L]
     probs = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(dim=-1).to(values.dtype)
     split = shared * block_size
-    shared_probs = probs[..., :split].permute(1, 0, 2, 3).reshape(num_kv_heads, batch * group, split)
-    out = torch.matmul(shared_probs, shared_values).view(num_kv_heads, batch, group, head_dim).permute(1, 0, 2, 3)
+    shared_probs = probs[..., :split].permute(1, 0, 2, 3).reshape(num_kv_heads, num_seqs * group, split)
+    out = torch.matmul(shared_probs, shared_values).view(num_kv_heads, num_seqs, group, head_dim).permute(1, 0, 2, 3)
     own_probs = probs[..., split:].unflatten(-1, (num_blocks - shared, block_size)).permute(0, 3, 1, 2, 4)
     out = out + torch.matmul(own_probs, values).sum(dim=1)  # [B, Hkv, G, D]
-    return out.reshape(batch, num_heads, head_dim)
-
-
-def _shared_leading_blocks(block_tables: torch.Tensor, full_blocks_everywhere: int) -> int:
-    """How many leading block-table columns name the same block for every sequence of the batch."""
-    if block_tables.shape[0] < 2:
-        return 0
-    same = (block_tables == block_tables[:1]).all(dim=0)[:full_blocks_everywhere]
-    return int(same.cumprod(0).sum()) if same.numel() else 0
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 class PagedAttentionBackend(AttentionBackend):
@@ -126,6 +145,18 @@ class PagedAttentionBackend(AttentionBackend):
     def __init__(self, cache: PagedKVCache, reference: bool = False) -> None:
         self.cache = cache
         self.decode_attention = paged_decode_attention_reference if reference else paged_decode_attention
+        self._step: tuple[AttentionMetadata, list[int], torch.Tensor, DecodeBatch | None] | None = None
+
+    def _decode_plan(self, metadata: AttentionMetadata, device: torch.device
+                     ) -> tuple[list[int], torch.Tensor, DecodeBatch | None]:
+        """Which rows are single-token decodes, and their DecodeBatch: derived once per step, not per layer."""
+        if self._step is None or self._step[0] is not metadata:
+            decodes = [i for i, n in enumerate(metadata.query_lens) if n == 1]
+            rows = torch.tensor([metadata.query_start_loc[i] for i in decodes], device=device)
+            batch = DecodeBatch.build(metadata.block_tables[decodes], [metadata.context_lens[i] for i in decodes],
+                                      self.cache.block_size) if decodes else None
+            self._step = (metadata, decodes, rows, batch)
+        return self._step[1:]
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -133,13 +164,10 @@ class PagedAttentionBackend(AttentionBackend):
         write_slots(keys, metadata.slot_mapping, k)
         write_slots(values, metadata.slot_mapping, v)
         starts, query_lens = metadata.query_start_loc, metadata.query_lens
-        decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        decodes, rows, batch = self._decode_plan(metadata, q.device)
         out = torch.empty_like(q)
         if decodes:
-            rows = torch.tensor([starts[i] for i in decodes], device=q.device)
-            out[rows] = self.decode_attention(q[rows], keys, values, metadata.block_tables[decodes],
-                                              [metadata.context_lens[i] for i in decodes], layer.scale,
-                                              layer.sliding_window)
+            out[rows] = self.decode_attention(q[rows], keys, values, batch, layer.scale, layer.sliding_window)
         for i, q_len in enumerate(query_lens):
             if q_len > 1:
                 rows = slice(starts[i], starts[i + 1])
