@@ -69,7 +69,7 @@ def test_sampling_frequencies_follow_the_distribution():
     rows = [SamplingInput(params, [], [], generator)]
     counts = torch.zeros(5)
     for _ in range(4000):
-        counts[sampler(LOGITS[None], rows)[0]] += 1
+        counts[sampler(LOGITS[None], rows).token_ids[0]] += 1
     freq = counts / counts.sum()
     assert torch.allclose(freq, PROBS, atol=0.03), freq
 
@@ -78,15 +78,34 @@ def test_temperature_sharpens_the_distribution():
     sampler = Sampler()
     generator = torch.Generator().manual_seed(0)
     rows = [SamplingInput(SamplingParams(temperature=0.25), [], [], generator)]
-    draws = [sampler(LOGITS[None], rows)[0] for _ in range(2000)]
+    draws = [sampler(LOGITS[None], rows).token_ids[0] for _ in range(2000)]
     # p ∝ p^4: token 0 gets 0.5^4 / sum(p^4) ≈ 0.93
     expected = 0.5**4 / float((PROBS**4).sum())
     assert math.isclose(draws.count(0) / len(draws), expected, abs_tol=0.03)
 
 
+def test_logprobs_are_the_raw_distribution_with_top_alternatives():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    rows = [SamplingInput(SamplingParams(temperature=0, logprobs=5), [], [], None),
+            SamplingInput(SamplingParams(temperature=0), [], [], None),
+            SamplingInput(SamplingParams(temperature=0.7, logprobs=0, repetition_penalty=1.3), [1, 2], [3], None)]
+    out = Sampler()(logits, rows)
+    oracle = logits.double().log_softmax(dim=-1)
+    assert out.logprobs[1] is None
+    first = out.logprobs[0]
+    assert first.token_id == out.token_ids[0] == int(oracle[0].argmax())
+    assert math.isclose(first.logprob, float(oracle[0].max()), abs_tol=1e-5)
+    expected_top = oracle[0].topk(5)
+    assert [t for t, _ in first.top] == expected_top.indices.tolist()
+    assert all(math.isclose(v, float(e), abs_tol=1e-5) for (_, v), e in zip(first.top, expected_top.values))
+    third = out.logprobs[2]  # reported before penalties and temperature
+    assert third.top == [] and math.isclose(third.logprob, float(oracle[2, out.token_ids[2]]), abs_tol=1e-5)
+
+
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", -2),
     ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("stop", [""]),
+    ("temperature", float("inf")), ("temperature", float("nan")), ("logprobs", 21), ("logprobs", -1),
 ])
 def test_invalid_sampling_values_are_rejected_with_the_field_name(field, value):
     with pytest.raises(InvalidSamplingParamsError, match=field):
@@ -122,3 +141,19 @@ def test_seeded_request_is_unaffected_by_its_batch_neighbours(tiny_llm):
     alone = tiny_llm.generate([[1, 2, 3]], params)[0].token_ids
     batched = tiny_llm.generate([[9, 9, 9], [1, 2, 3], [5, 5]], params)[1].token_ids
     assert alone == batched
+
+
+def test_generate_reports_one_logprob_per_token_matching_a_full_recompute(tiny_llm):
+    from conftest import prefill_logits
+
+    prompt = [4, 8, 15, 16, 23, 42]
+    plain = tiny_llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    out = tiny_llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2))[0]
+    assert out.token_ids == plain.token_ids and plain.outputs[0].logprobs is None
+    logprobs = out.outputs[0].logprobs
+    assert [lp.token_id for lp in logprobs] == out.token_ids
+    prefixes = [prompt + out.token_ids[:i] for i in range(len(out.token_ids))]
+    oracle = prefill_logits(tiny_llm.model, prefixes).double().log_softmax(dim=-1)
+    for row, lp in zip(oracle, logprobs):
+        assert math.isclose(lp.logprob, float(row[lp.token_id]), abs_tol=1e-4)
+        assert [t for t, _ in lp.top] == row.topk(2).indices.tolist()

@@ -147,8 +147,9 @@ class LLMEngine:
                 owners.append(sample)
         if owners:
             inputs = [SamplingInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in owners]
-            for request, token in zip(owners, self.runner.sample(logits[rows], inputs)):
-                request.append_token(token, self.max_model_len)
+            sampled = self.runner.sample(logits[rows], inputs)
+            for request, token, logprob in zip(owners, sampled.token_ids, sampled.logprobs):
+                request.append_token(token, self.max_model_len, logprob)
         self.scheduler.release_finished()
         touched = dict.fromkeys(r.group_id for r in batch.requests)
         return [self._group_output(group_id) for group_id in touched]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llminfer.engine.sampler import Sampler, SamplingInput
+from llminfer.engine.sampler import Sampler, SamplerOutput, SamplingInput
 from llminfer.engine.scheduler import ScheduledBatch
 from llminfer.kv_cache import PagedKVCache
 from llminfer.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
@@ -40,5 +40,5 @@ class ModelRunner:
         last_rows = torch.tensor([s - 1 for s in starts[1:]], device=self.device)
         return self.model.compute_logits(hidden[last_rows])
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingInput]) -> list[int]:
+    def sample(self, logits: torch.Tensor, rows: list[SamplingInput]) -> SamplerOutput:
         return self.sampler(logits, rows)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llminfer.engine.sampler import TokenLogprob
+
 
 @dataclass
 class CompletionOutput:
@@ -12,6 +14,7 @@ class CompletionOutput:
     token_ids: list[int]  # generated ids
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     delta: str = ""  # text new since the previous step (streaming)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when SamplingParams.logprobs is set
 
 
 @dataclass

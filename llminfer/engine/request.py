@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llminfer.engine.outputs import CompletionOutput
+from llminfer.engine.sampler import TokenLogprob
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.tokenizer import IncrementalDetokenizer
 
@@ -32,6 +33,7 @@ class Request:
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] | None = None  # one per output token when params.logprobs is set
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     sample_index: int = 0
@@ -59,9 +61,13 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def append_token(self, token_id: int, max_model_len: int) -> None:
+    def append_token(self, token_id: int, max_model_len: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token and decide whether the request is done."""
         self.output_token_ids.append(token_id)
+        if logprob is not None:
+            if self.output_logprobs is None:
+                self.output_logprobs = []
+            self.output_logprobs.append(logprob)
         if token_id in self.stop_token_ids:
             return self._finish("stop")
         if self.detokenizer is not None:
@@ -100,4 +106,4 @@ class Request:
 
     def to_completion(self) -> CompletionOutput:
         return CompletionOutput(self.sample_index, self.text, list(self.output_token_ids), self.finish_reason,
-                                self.take_delta())
+                                self.take_delta(), None if self.output_logprobs is None else list(self.output_logprobs))

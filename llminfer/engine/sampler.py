@@ -59,9 +59,26 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+@dataclass
+class TokenLogprob:
+    """The log-probability of a sampled token under the model's (unprocessed) distribution, and the most
+    likely alternatives at that position, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs
+
+
 class Sampler:
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingInput]) -> list[int]:
-        """logits: [B, V] float32 -> one token id per row."""
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingInput]) -> SamplerOutput:
+        """logits: [B, V] float32 -> one token id per row (and its logprobs where asked)."""
+        raw_logits = logits
         logits = torch.stack([
             apply_penalties(logits[i], row.params, row.prompt_token_ids, row.output_token_ids)
             if row.params.has_penalties else logits[i]
@@ -83,4 +100,21 @@ class Sampler:
             probs = sub.softmax(dim=-1)
             for j, i in enumerate(sampled):
                 chosen[i] = int(torch.multinomial(probs[j], 1, generator=rows[i].generator).item())
-        return chosen
+        return SamplerOutput(chosen, token_logprobs(raw_logits, chosen, rows))
+
+
+def token_logprobs(logits: torch.Tensor, chosen: list[int], rows: list[SamplingInput]) -> list[TokenLogprob | None]:
+    """Log-probabilities from the raw logits (before penalties and temperature, as vLLM and OpenAI report)."""
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(rows)
+    if not wanted:
+        return result
+    logprobs = logits[wanted].float().log_softmax(dim=-1)
+    widest = max(rows[i].params.logprobs for i in wanted)
+    top_values, top_ids = logprobs.topk(widest, dim=-1) if widest else (logprobs[:, :0], logprobs[:, :0].long())
+    chosen_values = logprobs.gather(1, torch.tensor([[chosen[i]] for i in wanted], device=logits.device))
+    for j, i in enumerate(wanted):
+        k = rows[i].params.logprobs
+        top = list(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist()))
+        result[i] = TokenLogprob(chosen[i], float(chosen_values[j, 0]), top)
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from llminfer.errors import InvalidSamplingParamsError
@@ -23,13 +24,17 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None  # per-request seed: same seed, same output
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # report each sampled token's log-probability and this many top alternatives
+
+    MAX_LOGPROBS = 20
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 means greedy)")
+        _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+               "a finite number >= 0 (0 means greedy)")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
         _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", self.top_k, "an integer >= 0 (0 or -1 = off)")
         _check(0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
@@ -38,6 +43,8 @@ class SamplingParams:
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "a list of non-empty strings")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an integer")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
+               "logprobs", self.logprobs, f"an integer in [0, {self.MAX_LOGPROBS}] or None")
 
     @property
     def is_greedy(self) -> bool:
