@@ -105,3 +105,32 @@ def smollm2_llm():
     from llminfer import LLM
 
     return LLM("smollm2-135m", dtype="float32")
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_folder(tmp_path_factory) -> Path:
+    """The tiny random Llama with a real byte-level BPE tokenizer of its vocabulary size (trained here on the
+    pydoc text) and a chat template: text in, text out, in milliseconds."""
+    import json
+
+    import pydoc_data.topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_COMMON["vocab_size"], special_tokens=["<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(list(pydoc_data.topics.topics.values()), trainer)
+    model = make_hf_model("llama")
+    model.config.bos_token_id, model.config.eos_token_id = None, 1  # <|im_end|>
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "chat_template": TINY_CHAT_TEMPLATE}))
+    return folder

@@ -1,4 +1,4 @@
-"""The `llminfer` command: generate, chat, info, convert, bench.
+"""The `llminfer` command: generate, chat, info, convert, serve, bench.
 
 Errors print as one line on stderr with exit code 2; `--debug` shows the traceback instead.
 """
@@ -62,6 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", type=_size, default="2GB", help="largest safetensors shard (e.g. 500MB)")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     convert.set_defaults(handler=_lazy("llminfer.cli.commands", "convert"))
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page at /")
+    _model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LLMINFER_API_KEY)")
+    serve.add_argument("--served-model-name", help="the model id clients send (default: --model)")
+    serve.add_argument("--max-queued", type=_positive, default=256,
+                       help="waiting requests beyond this are answered 503 with Retry-After")
+    serve.add_argument("--max-num-seqs", type=_positive, default=64, help="requests in one running batch")
+    serve.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens per engine step")
+    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--max-n", type=_positive, default=16, help="largest 'n' (choices per request) accepted")
+    serve.add_argument("--max-body-size", type=_size, default="4MB", help="larger request bodies get 413")
+    serve.add_argument("--drain-timeout", type=float, default=300.0,
+                       help="seconds SIGTERM waits for requests in flight before exiting")
+    serve.set_defaults(handler=_lazy("llminfer.server.serve", "serve_command"))
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)

@@ -67,7 +67,7 @@ class LLMEngine:
                     request_id: str | None = None) -> Request:
         """Queue a prompt; returns its first sample (the others are forked once the prompt is computed)."""
         prompt_text, prompt_ids = self._tokenize(prompt)
-        self._check_fits(prompt_ids, params)
+        self.check_fits(prompt_ids, params)
         group_id = request_id or str(next(self._ids))
         if group_id in self._groups:
             raise InvalidPromptError(f"request id '{group_id}' is already in use")
@@ -89,7 +89,7 @@ class LLMEngine:
                                      f"[0, {self.model.config.vocab_size})")
         return None, ids
 
-    def _check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise InvalidPromptError("prompt is empty: expected at least one token")
         total = len(prompt_ids) + params.max_tokens

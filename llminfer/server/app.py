@@ -1,0 +1,438 @@
+"""The OpenAI-compatible HTTP API over an `AsyncEngine`.
+
+A request's path: auth middleware -> readiness and overload checks (before the body is even read) -> body
+read with a size cap -> validation -> tokenization and chat template -> `SamplingParams` and the context check
+-> `AsyncEngine.generate` -> JSON or server-sent events. A client that goes away aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from llminfer.engine.outputs import RequestOutput
+from llminfer.engine.sampling_params import SamplingParams
+from llminfer.errors import InvalidPromptError, InvalidSamplingParamsError, TokenizerError
+from llminfer.server.async_engine import AsyncEngine, EngineDeadError, EngineSnapshot
+from llminfer.server.metrics import ServerMetrics
+from llminfer.server.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, LogprobFormatter, new_id, now, parse_body, usage)
+from llminfer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    model_name: str = "llminfer"  # what /v1/models lists and requests must name
+    api_key: str | None = None
+    max_queued: int = 256  # waiting requests beyond this get 503
+    max_body_bytes: int = 4 * 2**20
+    max_n: int = 16
+    retry_after_s: int = 1
+
+
+@dataclass
+class ServerState:
+    """What the handlers share. `engine` is None until the model has loaded."""
+
+    config: ServerConfig
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    engine: AsyncEngine | None = None
+    tokenizer: Tokenizer | None = None
+    max_model_len: int = 0
+    draining: bool = False
+    active_http_requests: int = 0
+    load_error: str | None = None
+
+    def attach(self, engine: AsyncEngine, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer, self.max_model_len = tokenizer, engine.engine.max_model_len
+        engine.start()
+        self.engine = engine
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.is_alive and not self.draining
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="llminfer", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.llminfer = state
+    config = state.config
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    app.add_middleware(_AuthAndCount, state=state)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.ready:
+            return Response(status_code=200)
+        return JSONResponse({"status": _unavailable_reason(state)}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        engine = state.engine
+        snapshot, pending = (engine.snapshot, engine.num_waiting - engine.snapshot.num_waiting) if engine else (
+            EngineSnapshot(), 0)
+        return Response(state.metrics.render(snapshot, pending), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": now(),
+                                            "owned_by": "llminfer", "max_model_len": state.max_model_len or None}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(_chat_page_html())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        engine = _admit(state)
+        body = parse_body(CompletionRequest, await _read_body(request, config.max_body_bytes))
+        _check_model(body.model, config)
+        if body.echo:
+            raise APIError(400, "invalid 'echo': echoing the prompt is not supported", param="echo")
+        prompts = [_prompt_ids(state, p) for p in body.prompt]
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16
+        params = _sampling_params(state, body, prompts, max_tokens, body.logprobs)
+        call = _Call(engine, state, new_id("cmpl"), prompts, params, body.model or config.model_name)
+        if body.stream:
+            return _sse(call.completion_chunks(body.include_usage))
+        return JSONResponse(await call.collect(request, call.completion_response))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        engine = _admit(state)
+        body = parse_body(ChatCompletionRequest, await _read_body(request, config.max_body_bytes))
+        _check_model(body.model, config)
+        if state.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so no chat template", param="messages")
+        messages = [m.as_template_input() for m in body.messages]
+        try:
+            prompt = await asyncio.to_thread(state.tokenizer.apply_chat_template, messages,
+                                             add_generation_prompt=True, tokenize=True)
+        except TokenizerError as exc:
+            raise APIError(400, f"invalid 'messages': {exc}", param="messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(state.max_model_len - len(prompt), 1)
+        top = body.top_logprobs if body.logprobs else None
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "invalid 'top_logprobs': requires 'logprobs': true", param="top_logprobs")
+        logprobs = (top or 0) if body.logprobs else None
+        params = _sampling_params(state, body, [prompt], max_tokens, logprobs)
+        call = _Call(engine, state, new_id("chatcmpl"), [prompt], params, body.model or config.model_name)
+        if body.stream:
+            return _sse(call.chat_chunks(body.include_usage))
+        return JSONResponse(await call.collect(request, call.chat_response))
+
+    return app
+
+
+class _AuthAndCount:
+    """Bearer-token check on every route but /health (constant-time), a count of requests in flight for the
+    SIGTERM drain, and the last resort for bugs: an OpenAI-shaped 500, logged once. Plain ASGI, so streamed
+    responses and disconnects pass through untouched."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        api_key = self.state.config.api_key
+        if api_key is not None and scope["path"] != "/health":
+            supplied = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(supplied, f"Bearer {api_key}".encode()):
+                error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+                return await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+        self.state.active_http_requests += 1
+        started = False
+
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not take the server down
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not started:
+                error = APIError(500, f"internal error: {type(exc).__name__}: {exc}", error_type="server_error")
+                await JSONResponse(error.body(), status_code=500)(scope, receive, send)
+        finally:
+            self.state.active_http_requests -= 1
+
+
+# --- admission and validation -----------------------------------------------------------------
+
+def _unavailable_reason(state: ServerState) -> str:
+    if state.load_error:
+        return f"model failed to load: {state.load_error}"
+    if state.engine is None:
+        return "loading model"
+    if state.draining:
+        return "shutting down"
+    return f"engine failed: {state.engine.error}" if state.engine.error else "engine stopped"
+
+
+def _admit(state: ServerState) -> AsyncEngine:
+    """Readiness and overload, decided before the body is read or anything is tokenized."""
+    if not state.ready:
+        raise APIError(503, f"service unavailable: {_unavailable_reason(state)}", error_type="server_error",
+                       headers={"Retry-After": str(state.config.retry_after_s)})
+    engine = state.engine
+    if engine.num_waiting >= state.config.max_queued:
+        raise APIError(503, f"server overloaded: {engine.num_waiting} requests already waiting "
+                            f"(--max-queued {state.config.max_queued}); retry later", error_type="server_error",
+                       code="overloaded", headers={"Retry-After": str(state.config.retry_after_s)})
+    return engine
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_model(model: str | None, config: ServerConfig) -> None:
+    if model is not None and model != config.model_name:
+        raise APIError(404, f"model '{model}' does not exist; this server serves '{config.model_name}'",
+                       param="model", code="model_not_found")
+
+
+def _prompt_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        if state.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+        return state.tokenizer.encode(prompt)
+    vocab = state.engine.engine.model.config.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"invalid 'prompt': token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                       param="prompt")
+    return prompt
+
+
+def _sampling_params(state: ServerState, body: Any, prompts: list[list[int]], max_tokens: int,
+                     logprobs: int | None) -> SamplingParams:
+    if body.n > state.config.max_n:
+        raise APIError(400, f"invalid 'n': {body.n} is over this server's cap of {state.config.max_n}", param="n")
+    try:
+        params = body.sampling_params(max_tokens, logprobs)
+    except InvalidSamplingParamsError as exc:
+        raise APIError(400, str(exc)) from None
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "invalid 'prompt': prompt is empty (no tokens)", param="prompt")
+        try:
+            state.engine.engine.check_fits(ids, params)
+        except InvalidPromptError as exc:
+            raise APIError(400, str(exc), param="max_tokens") from None
+    return params
+
+
+# --- one API call: its engine requests, their outputs, the response ------------------------------
+
+class _Call:
+    """One completions or chat call: one engine request per prompt, each with n choices."""
+
+    def __init__(self, engine: AsyncEngine, state: ServerState, call_id: str, prompts: list[list[int]],
+                 params: SamplingParams, model: str) -> None:
+        self.engine, self.state, self.id, self.prompts, self.params = engine, state, call_id, prompts, params
+        self.model, self.created = model, now()
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        tokenizer = state.tokenizer
+        self.logprobs = LogprobFormatter(
+            (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else str)
+
+    def _choice_index(self, prompt_index: int, sample_index: int) -> int:
+        return prompt_index * self.params.n + sample_index
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) as the engine produces them, all prompts interleaved."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, ids: list[int]) -> None:
+            try:
+                async for output in self.engine.generate(f"{self.id}-{index}", ids, self.params):
+                    await queue.put((index, output))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer; cancellation is not caught
+                await queue.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(self.prompts)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if self.first_token_at is None and any(c.token_ids for c in item.outputs):
+                    self.first_token_at = time.monotonic()
+                if item.finished:
+                    remaining -= 1
+                yield index, item
+        finally:
+            for task in tasks:  # cancelling a pump aborts its engine request
+                task.cancel()
+
+    def _record(self, finals: dict[int, RequestOutput]) -> None:
+        choices = [c for out in finals.values() for c in out.outputs]
+        self.state.metrics.record_finished(
+            sum(map(len, self.prompts)), sum(len(c.token_ids) for c in choices),
+            max(len(c.token_ids) for c in choices), [c.finish_reason for c in choices],
+            self.arrival, self.first_token_at, time.monotonic())
+
+    def _usage(self, finals: dict[int, RequestOutput]) -> dict[str, int]:
+        return usage(sum(map(len, self.prompts)), sum(len(c.token_ids) for o in finals.values() for c in o.outputs))
+
+    async def collect(self, request: Request, respond: Callable[[dict[int, RequestOutput]], dict]) -> dict:
+        """Run to the end, unless the client disconnects first (then the requests are aborted)."""
+        async def run() -> dict[int, RequestOutput]:
+            finals = {}
+            async for index, output in self.outputs():
+                if output.finished:
+                    finals[index] = output
+            return finals
+
+        work = asyncio.create_task(run())
+        gone = asyncio.create_task(_client_gone(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            raise APIError(499, "client closed the request")
+        finals = _engine_result(work)
+        self._record(finals)
+        return respond(finals)
+
+    def completion_response(self, finals: dict[int, RequestOutput]) -> dict:
+        choices = []
+        for prompt_index in sorted(finals):
+            for c in finals[prompt_index].outputs:
+                choices.append({"index": self._choice_index(prompt_index, c.index), "text": c.text,
+                                "logprobs": self.logprobs.completion(c.logprobs) if c.logprobs is not None else None,
+                                "finish_reason": c.finish_reason})
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self._usage(finals), "system_fingerprint": None}
+
+    def chat_response(self, finals: dict[int, RequestOutput]) -> dict:
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": self.logprobs.chat(c.logprobs) if c.logprobs is not None else None,
+                    "finish_reason": c.finish_reason}
+                   for c in finals[0].outputs]
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices, "usage": self._usage(finals), "system_fingerprint": None}
+
+    async def _chunks(self, include_usage: bool, object_name: str,
+                      make_choice: Callable[[int, Any, list, bool], dict | None],
+                      first: list[dict] | None = None) -> AsyncIterator[dict]:
+        """The streaming skeleton shared by chat and completions: one chunk per engine output that carries
+        news, the finish reasons, and an optional usage chunk at the end."""
+        base = {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+        extra = {"usage": None} if include_usage else {}
+        if first:
+            yield {**base, "choices": first, **extra}
+        sent_tokens: dict[int, int] = {}
+        finals: dict[int, RequestOutput] = {}
+        async for prompt_index, output in self.outputs():
+            choices = []
+            for c in output.outputs:
+                index = self._choice_index(prompt_index, c.index)
+                start = sent_tokens.get(index, 0)
+                sent_tokens[index] = len(c.token_ids)
+                new_logprobs = c.logprobs[start:] if c.logprobs is not None else None
+                choice = make_choice(index, c, new_logprobs, start == 0)
+                if choice is not None:
+                    choices.append(choice)
+            if choices:
+                yield {**base, "choices": choices, **extra}
+            if output.finished:
+                finals[prompt_index] = output
+        self._record(finals)
+        if include_usage:
+            yield {**base, "choices": [], "usage": self._usage(finals)}
+
+    def completion_chunks(self, include_usage: bool) -> AsyncIterator[dict]:
+        def choice(index: int, c: Any, new_logprobs: list | None, _: bool) -> dict | None:
+            if not c.delta and not c.finish_reason and not new_logprobs:
+                return None
+            return {"index": index, "text": c.delta,
+                    "logprobs": self.logprobs.completion(new_logprobs) if new_logprobs is not None else None,
+                    "finish_reason": c.finish_reason}
+
+        return self._chunks(include_usage, "text_completion", choice)
+
+    def chat_chunks(self, include_usage: bool) -> AsyncIterator[dict]:
+        def choice(index: int, c: Any, new_logprobs: list | None, _: bool) -> dict | None:
+            if not c.delta and not c.finish_reason and not new_logprobs:
+                return None
+            delta = {"content": c.delta} if c.delta or not c.finish_reason else {}
+            return {"index": index, "delta": delta,
+                    "logprobs": self.logprobs.chat(new_logprobs) if new_logprobs is not None else None,
+                    "finish_reason": c.finish_reason}
+
+        first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                 for i in range(self.params.n)]
+        return self._chunks(include_usage, "chat.completion.chunk", choice, first)
+
+
+def _engine_result(work: asyncio.Task) -> dict[int, RequestOutput]:
+    try:
+        return work.result()
+    except EngineDeadError as exc:
+        raise APIError(500, str(exc), error_type="server_error") from None
+    except InvalidPromptError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+async def _client_gone(request: Request) -> None:
+    # The body has been read, so the next ASGI message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except EngineDeadError as exc:
+            yield f"data: {json.dumps(APIError(500, str(exc), error_type='server_error').body())}\n\n"
+        except InvalidPromptError as exc:
+            yield f"data: {json.dumps(APIError(400, str(exc)).body())}\n\n"
+        finally:
+            await chunks.aclose()  # a client gone mid-stream: aborts the engine requests now
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _chat_page_html() -> str:
+    return resources.files("llminfer.server").joinpath("static/chat.html").read_text(encoding="utf-8")

@@ -1,0 +1,181 @@
+"""The engine behind the server: one worker thread owns the `LLMEngine` and runs its step loop; HTTP handlers
+(on the asyncio event loop) only submit, read and abort, through a command queue.
+
+The engine is not thread-safe, so nothing but the worker touches it. Outputs travel back to each request's
+asyncio queue with `call_soon_threadsafe`. If a step raises, every in-flight request gets the error, the
+engine is marked failed and the worker stops: a half-updated engine is never stepped again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from llminfer.engine.llm_engine import LLMEngine
+from llminfer.engine.outputs import RequestOutput
+from llminfer.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed (or was shut down); no request can be served."""
+
+
+@dataclass
+class EngineSnapshot:
+    """What the metrics and the overload check read, refreshed by the worker on every loop."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_ratio: float = 0.0
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput, then nothing more once finished; or an exception
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.snapshot = EngineSnapshot()
+        self.error: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending_adds = 0  # submitted, not yet seen by the worker (guarded by _lock)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}  # worker-only
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llminfer-engine", daemon=True)
+
+    # --- called from the event loop -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued but not running: those the scheduler holds plus those not yet handed to it."""
+        return self.snapshot.num_waiting + self._pending_adds
+
+    @property
+    def num_in_flight(self) -> int:
+        return self.snapshot.num_running + self.num_waiting
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after every step that advanced it. Leaving the loop early (client gone,
+        task cancelled) aborts the request and frees its KV blocks."""
+        if not self.is_alive:
+            raise EngineDeadError(self._dead_reason())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self._pending_adds += 1
+        self._commands.put(("add", request_id, prompt_token_ids, params, stream))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def _dead_reason(self) -> str:
+        if self.error is not None:
+            return f"engine failed: {type(self.error).__name__}: {self.error}"
+        return "engine is shutting down"
+
+    # --- the worker thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                for output in outputs:
+                    stream = self._streams.get(output.request_id)
+                    if stream is None:
+                        continue
+                    stream.put(output)
+                    if output.finished:
+                        del self._streams[output.request_id]
+                self._refresh_snapshot()
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting clients
+            logger.exception("engine step failed; the server stops serving")
+            self.error = exc
+            failure = EngineDeadError(self._dead_reason())
+            for stream in self._streams.values():
+                stream.put(failure)
+            self._streams.clear()
+        finally:
+            self._fail_queued_commands()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                _, request_id, prompt_ids, params, stream = command
+                with self._lock:
+                    self._pending_adds -= 1
+                try:
+                    self.engine.add_request(prompt_ids, params, request_id=request_id)
+                except Exception as exc:  # noqa: BLE001 - a bad request fails alone; the engine is untouched
+                    stream.put(exc)
+                    continue
+                self._streams[request_id] = stream
+            else:
+                _, request_id = command
+                if self._streams.pop(request_id, None) is not None:
+                    self.engine.abort(request_id)
+        self._refresh_snapshot()
+
+    def _fail_queued_commands(self) -> None:
+        failure = EngineDeadError(self._dead_reason())
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                command[4].put(failure)
+
+    def _refresh_snapshot(self) -> None:
+        stats = self.engine.kv_cache_stats()
+        scheduler = self.engine.scheduler
+        self.snapshot = EngineSnapshot(len(scheduler.running), len(scheduler.waiting),
+                                       stats.used_blocks / stats.total_blocks, stats.prefix_cache_hit_rate)

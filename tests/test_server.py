@@ -1,0 +1,401 @@
+"""The OpenAI-compatible server, live on 127.0.0.1: the official `openai` client, concurrency, validation,
+auth, overload, disconnects, engine failure, metrics. The oracle for outputs is `LLM.generate` on a second copy
+of the same model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from llminfer import LLM, SamplingParams
+from llminfer.server import AsyncEngine, ServerConfig, ServerState, create_app
+
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """The app on a real socket, served by uvicorn in a thread of the test process."""
+
+    def __init__(self, llm: LLM, **config) -> None:
+        self.state = ServerState(ServerConfig(model_name=MODEL, **config))
+        self.state.attach(AsyncEngine(llm.engine), llm.tokenizer)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.state), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.state.engine.stop()
+
+    def metric(self, name: str, headers: dict | None = None) -> float:
+        text = httpx.get(f"{self.url}/metrics", headers=headers).text
+        values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+        assert values, f"{name} not in /metrics"
+        return float(values[0])
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_chat_folder) -> LLM:
+    return LLM(str(tiny_chat_folder))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_folder):
+    live = LiveServer(LLM(str(tiny_chat_folder)))
+    yield live
+    live.close()
+
+
+@pytest.fixture()
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def test_completion_matches_llm_generate_and_has_the_openai_shape(client, oracle):
+    expected = oracle.generate(["The for statement"], GREEDY)[0]
+    response = client.completions.create(model=MODEL, prompt="The for statement", max_tokens=12, temperature=0)
+    assert response.object == "text_completion" and response.id.startswith("cmpl-") and response.created > 0
+    assert response.choices[0].text == expected.text
+    assert response.choices[0].finish_reason == expected.finish_reason
+    assert response.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert response.usage.completion_tokens == len(expected.token_ids)
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_chat_applies_the_template_and_streams_the_same_text(client, oracle):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a class?"}]
+    expected = oracle.chat(messages, GREEDY)[0]
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert response.object == "chat.completion"
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == expected.text
+    assert response.usage.prompt_tokens == len(oracle.chat_prompt(messages))
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [expected.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_streamed_completion_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "Lists", "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_n_choices_batch_prompts_and_logprobs(client, oracle):
+    response = client.completions.create(model=MODEL, prompt=["Tuples", "Sets are"], max_tokens=6,
+                                         temperature=0.8, seed=3, n=2, logprobs=3)
+    assert sorted(c.index for c in response.choices) == [0, 1, 2, 3]
+    for choice in response.choices:
+        assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs)
+        # keyed by token text, as OpenAI's shape is: distinct tokens with the same text share a key
+        assert all(1 <= len(top) <= 3 for top in choice.logprobs.top_logprobs)
+        assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    expected = oracle.generate(["Tuples"], SamplingParams(max_tokens=6, temperature=0))[0]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
+    # greedy: the chosen token is the most likely one
+    assert all(e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in content)
+    assert expected.token_ids  # the oracle ran
+
+
+def test_32_concurrent_streams_complete_with_correct_usage(server, oracle):
+    prompts = [f"Item {i}: the import statement" + " and" * (i % 7) for i in range(32)]
+    expected = oracle.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
+
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, object]:
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True})
+        text, usage = "", None
+        async for chunk in stream:
+            text += "".join(c.text for c in chunk.choices)
+            usage = chunk.usage or usage
+        return text, usage
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    results = asyncio.run(run_all())
+    for (text, usage), want in zip(results, expected):
+        assert text == want.text
+        assert usage.prompt_tokens == len(want.prompt_token_ids)
+        assert usage.completion_tokens == len(want.token_ids)
+
+
+def test_models_health_metrics_and_chat_page(server):
+    models = httpx.get(f"{server.url}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == MODEL
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in ["llminfer_num_requests_running", "llminfer_num_requests_waiting", "llminfer_kv_cache_usage_ratio",
+                 "llminfer_prefix_cache_hit_ratio", "llminfer_prompt_tokens_total",
+                 "llminfer_generation_tokens_total", "llminfer_request_success_total",
+                 "llminfer_time_to_first_token_seconds_bucket", "llminfer_time_per_output_token_seconds_bucket",
+                 "llminfer_e2e_request_latency_seconds_bucket"]:
+        assert name in metrics, name
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and "<textarea" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # self-contained: no external resources
+
+
+def _post(server, path: str, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{server.url}{path}", content=content, headers={"content-type": "application/json"}, **kwargs)
+
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MSGS = [{"role": "user", "content": "hi"}]
+
+VALIDATION_CASES = [
+    # (path, body, status, the field the message must name)
+    (CHAT, b"{not json", 400, "JSON"),
+    (CHAT, b"[1, 2]", 400, "JSON object"),
+    (CHAT, {"model": MODEL}, 400, "messages"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": "hi"}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    (COMPLETIONS, {"model": MODEL}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": ""}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": []}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": 42}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": [1, 99999]}, 400, "prompt"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"messages": MSGS, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 1000}, 400, "256"),  # over the context: both numbers
+    (COMPLETIONS, {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    (COMPLETIONS, {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    (COMPLETIONS, b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+    (COMPLETIONS, b'{"prompt": "x", "temperature": Infinity}', 400, "temperature"),
+    (COMPLETIONS, {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    (COMPLETIONS, {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    (COMPLETIONS, {"prompt": "x", "n": 0}, 400, "n"),
+    (COMPLETIONS, {"prompt": "x", "n": 17}, 400, "n"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    (CHAT, {"messages": MSGS, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    (COMPLETIONS, {"prompt": "x", "stop": ""}, 400, "stop"),
+    (COMPLETIONS, {"prompt": "x", "stop": ["ok", ""]}, 400, "stop"),
+    (COMPLETIONS, {"prompt": "x", "stop": 5}, 400, "stop"),
+    (COMPLETIONS, {"prompt": "x", "seed": 1.5}, 400, "seed"),
+    (COMPLETIONS, {"prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    (COMPLETIONS, {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    (COMPLETIONS, {"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
+    (CHAT, {"messages": MSGS, "model": "other"}, 404, "other"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,field", VALIDATION_CASES)
+def test_bad_requests_get_the_openai_error_object_naming_the_field(server, path, body, status, field):
+    response = _post(server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert field in error["message"], error["message"]
+    assert "\n" not in error["message"]
+
+
+def test_prompt_over_the_context_names_both_numbers(server):
+    error = _post(server, COMPLETIONS, {"prompt": "x", "max_tokens": 1000}).json()["error"]
+    assert "1000" in error["message"] and "256" in error["message"]
+
+
+def test_oversized_body_is_413_and_server_keeps_serving(tiny_chat_folder):
+    live = LiveServer(LLM(str(tiny_chat_folder)), max_body_bytes=2000)
+    try:
+        big = {"prompt": "x" * 5000, "max_tokens": 1}
+        assert _post(live, COMPLETIONS, big).status_code == 413
+        # chunked upload without a content-length is cut off too
+        chunked = httpx.post(f"{live.url}{COMPLETIONS}", content=iter([json.dumps(big).encode()]),
+                             headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+        assert _post(live, COMPLETIONS, {"prompt": "x", "max_tokens": 1}).status_code == 200
+    finally:
+        live.close()
+
+
+def test_api_key_guards_every_route_but_health(tiny_chat_folder):
+    live = LiveServer(LLM(str(tiny_chat_folder)), api_key="s3cret")
+    try:
+        good = {"Authorization": "Bearer s3cret"}
+        for bad in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}]:
+            for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/"), ("POST", COMPLETIONS),
+                                 ("POST", CHAT)]:
+                response = httpx.request(method, f"{live.url}{path}", headers=bad, json={"prompt": "x"})
+                assert response.status_code == 401, (path, bad)
+                assert response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{live.url}/health").status_code == 200
+        assert httpx.get(f"{live.url}/v1/models", headers=good).status_code == 200
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="s3cret", max_retries=0)
+        assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{live.url}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        live.close()
+
+
+def test_overload_gives_503_with_retry_after_before_reading_the_body(tiny_chat_folder):
+    llm = LLM(str(tiny_chat_folder), max_num_seqs=1)
+    llm.engine.step = _slowed(llm.engine.step)  # so that the running request outlasts the check
+    live = LiveServer(llm, max_queued=2)
+    long = {"prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(timeout=30) as http:
+            streams = []
+            for running, waiting in [(1, 0), (1, 1), (1, 2)]:  # one runs, then two wait
+                streams.append(http.stream("POST", f"{live.url}{COMPLETIONS}", json=long))
+                assert streams[-1].__enter__().status_code == 200
+                deadline = time.monotonic() + 10
+                while (live.state.engine.snapshot.num_running, live.state.engine.num_waiting) != (running, waiting):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+            response = _post(live, COMPLETIONS, b"this body is never parsed")
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1"
+            assert response.json()["error"]["code"] == "overloaded"
+            for stream in streams:
+                stream.__exit__(None, None, None)
+        _wait_idle(live)
+        assert _post(live, COMPLETIONS, {"prompt": "x", "max_tokens": 1}).status_code == 200
+    finally:
+        live.close()
+
+
+def _slowed(step, seconds: float = 0.02):
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    return slow_step
+
+
+def _wait_idle(live: LiveServer, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while live.metric("llminfer_num_requests_running") or live.metric("llminfer_num_requests_waiting"):
+        assert time.monotonic() < deadline, "requests still in flight"
+        time.sleep(0.05)
+
+
+def test_dropped_streams_are_aborted_and_free_their_kv_blocks(tiny_chat_folder):
+    llm = LLM(str(tiny_chat_folder), enable_prefix_caching=False)
+    advanced = []  # requests advanced per engine step: the compute spent
+    step = llm.engine.step
+
+    def counting_step():
+        outputs = step()
+        advanced.append(len(outputs))
+        return outputs
+
+    llm.engine.step = counting_step
+    live = LiveServer(llm)
+    keep_tokens, drop_tokens = 8, 200
+
+    async def stream(client: httpx.AsyncClient, i: int, drop: bool) -> int:
+        body = {"prompt": f"request {i}", "max_tokens": drop_tokens if drop else keep_tokens, "ignore_eos": True,
+                "stream": True}
+        chunks = 0
+        async with client.stream("POST", f"{live.url}{COMPLETIONS}", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    chunks += 1
+                    if drop and chunks == 3:
+                        return chunks  # leaving the block closes the connection mid-stream
+        return chunks
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(stream(client, i, i % 3 == 0) for i in range(50)))
+
+    try:
+        chunks = asyncio.run(run_all())
+        assert all(c == 3 for c in chunks[::3])
+        _wait_idle(live)
+        assert live.metric("llminfer_kv_cache_usage_ratio") == 0.0
+        assert live.state.engine.engine.kv_cache_stats().used_blocks == 0
+        generated = live.metric("llminfer_generation_tokens_total")  # finished requests only
+        assert generated == (50 - 17) * keep_tokens
+        finished = live.metric('llminfer_request_success_total{finished_reason="length"}')
+        assert finished == 50 - 17
+        # The dropped requests stopped consuming compute at once: far from their 200 tokens each.
+        assert sum(advanced) < (50 - 17) * keep_tokens + 17 * 30, sum(advanced)
+    finally:
+        live.close()
+
+
+def test_non_streamed_request_is_aborted_when_the_client_disconnects(tiny_chat_folder):
+    live = LiveServer(LLM(str(tiny_chat_folder), max_num_seqs=1))
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{live.url}{COMPLETIONS}", json={"prompt": "x", "max_tokens": 250, "ignore_eos": True},
+                       timeout=0.3)
+        _wait_idle(live, timeout=5)
+        assert live.state.engine.engine.kv_cache_stats().used_blocks == 0
+    finally:
+        live.close()
+
+
+def test_engine_failure_is_a_500_for_its_requests_then_503(tiny_chat_folder):
+    llm = LLM(str(tiny_chat_folder))
+    live = LiveServer(llm)
+    try:
+        def broken_step():
+            raise RuntimeError("simulated device fault")
+
+        llm.engine.step = broken_step
+        response = _post(live, COMPLETIONS, {"prompt": "x", "max_tokens": 3})
+        assert response.status_code == 500
+        assert "simulated device fault" in response.json()["error"]["message"]
+        assert httpx.get(f"{live.url}/health").status_code == 503
+        after = _post(live, COMPLETIONS, {"prompt": "x", "max_tokens": 3})
+        assert after.status_code == 503 and "engine failed" in after.json()["error"]["message"]
+    finally:
+        live.close()
+
+
+def test_health_is_503_until_the_model_is_loaded():
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(ServerState(ServerConfig()))) as http:
+        assert http.get("/health").status_code == 503
+        response = http.post(COMPLETIONS, json={"prompt": "x"})
+        assert response.status_code == 503 and "loading" in response.json()["error"]["message"]
