@@ -399,3 +399,72 @@ def test_health_is_503_until_the_model_is_loaded():
         assert http.get("/health").status_code == 503
         response = http.post(COMPLETIONS, json={"prompt": "x"})
         assert response.status_code == 503 and "loading" in response.json()["error"]["message"]
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_chat_folder):
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "llminfer", "serve", "--model", str(tiny_chat_folder),
+                                "--port", str(port), "--served-model-name", MODEL, "--max-num-seqs", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became healthy"
+            time.sleep(0.1)
+        body = {"prompt": "x", "max_tokens": 250, "ignore_eos": True, "stream": True}
+
+        async def drain_scenario():
+            async with httpx.AsyncClient(timeout=60) as http:
+                async def consume(response: httpx.Response) -> list[dict]:
+                    return [json.loads(line[6:]) async for line in response.aiter_lines()
+                            if line.startswith("data: {")]
+
+                # six requests in flight: one running, five waiting (--max-num-seqs 1)
+                responses = [await http.send(http.build_request("POST", f"{url}{COMPLETIONS}", json=body),
+                                             stream=True) for _ in range(6)]
+                process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                refused = await http.post(f"{url}{COMPLETIONS}", json={"prompt": "x", "max_tokens": 1})
+                health = await http.get(f"{url}/health")
+                chunks = await asyncio.gather(*(consume(r) for r in responses))
+                return refused, health, chunks
+
+        refused, health, chunks = asyncio.run(drain_scenario())
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        assert health.status_code == 503
+        for stream in chunks:  # every in-flight request finished in full
+            assert stream[-1]["choices"][0]["finish_reason"] == "length"
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_greedy_output_over_http_equals_llm_generate_on_smollm2(smollm2_llm):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = "The three primary colors are"
+    expected_chat = smollm2_llm.chat(messages, SamplingParams(max_tokens=24, temperature=0))[0]
+    expected_text = smollm2_llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0))[0]
+    live = LiveServer(smollm2_llm)  # the same engine, now owned by the server's worker thread
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+        assert chat.choices[0].message.content == expected_chat.text
+        assert chat.usage.completion_tokens == len(expected_chat.token_ids)
+        completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+        assert completion.choices[0].text == expected_text.text
+    finally:
+        live.close()
