@@ -468,3 +468,23 @@ def test_greedy_output_over_http_equals_llm_generate_on_smollm2(smollm2_llm):
         assert completion.choices[0].text == expected_text.text
     finally:
         live.close()
+
+
+def test_bench_serve_reports_throughput_and_latency_percentiles(server, capsys):
+    from llminfer.cli.main import main
+
+    code = main(["bench", "serve", "--url", server.url, "--model", MODEL, "--num-prompts", "6", "--concurrency", "3",
+                 "--input-len", "8", "--output-len", "5", "--vocab-size", "320", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["completed"] == 6 and report["failed"] == 0
+    assert report["output_tokens_per_s"] > 0 and report["requests_per_s"] > 0
+    assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p90"] <= report["ttft_s"]["p99"]
+    assert 0 < report["tpot_s"]["p50"] <= report["tpot_s"]["p99"]
+
+
+def test_bench_serve_against_no_server_is_a_one_line_error(capsys):
+    from llminfer.cli.main import main
+
+    assert main(["bench", "serve", "--url", f"http://127.0.0.1:{free_port()}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("llminfer: error: cannot reach the server") and "\n" not in error

@@ -103,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--hf-batch-size", type=_positive, default=64, help="prompts per transformers batch")
     throughput.add_argument("--json", action="store_true", help="print JSON instead of a table")
     throughput.set_defaults(handler=_lazy("llminfer.bench", "throughput_command"))
+    serve_bench = bench_kinds.add_parser("serve", help="load a running server with streaming requests")
+    serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    serve_bench.add_argument("--model", help="model id to send (default: whatever the server serves)")
+    serve_bench.add_argument("--api-key", help="bearer token, if the server needs one")
+    serve_bench.add_argument("--num-prompts", type=_positive, default=64)
+    serve_bench.add_argument("--concurrency", type=_positive, default=32, help="requests in flight at once")
+    serve_bench.add_argument("--input-len", type=_positive, default=128)
+    serve_bench.add_argument("--output-len", type=_positive, default=128)
+    serve_bench.add_argument("--vocab-size", type=_positive, default=49152,
+                             help="range of the random prompt token ids (default: the default model's vocabulary, "
+                                  "so the prompts equal bench throughput's)")
+    serve_bench.add_argument("--json", action="store_true", help="print JSON instead of text")
+    serve_bench.set_defaults(handler=_lazy("llminfer.bench_serve", "serve_benchmark_command"))
     return parser
 
 
