@@ -488,3 +488,26 @@ def test_bench_serve_against_no_server_is_a_one_line_error(capsys):
     assert main(["bench", "serve", "--url", f"http://127.0.0.1:{free_port()}"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("llminfer: error: cannot reach the server") and "\n" not in error
+
+
+def test_no_random_body_produces_a_500(server):
+    """A small fuzz: fields of the right names with values of every JSON type never crash a handler."""
+    import random
+
+    rng = random.Random(0)
+    values = [None, True, False, 0, -1, 1, 3, 2.5, -0.5, 1e308, "", "x", "hello world", [], [1, 2], ["a", ""],
+              [[1], [2]], {}, {"role": "user"}, [{"role": "user", "content": "hi"}],
+              [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [{"role": "user", "content": 5}]]
+    fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+              "top_k", "min_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
+              "logprobs", "top_logprobs", "stream", "stream_options", "user", "echo"]
+    with httpx.Client(timeout=30) as http:
+        for _ in range(150):
+            body = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(1, 6))}
+            body.setdefault("max_tokens", 2)
+            path = rng.choice([COMPLETIONS, CHAT])
+            response = http.post(f"{server.url}{path}", json=body)
+            assert response.status_code in (200, 400, 404), (path, body, response.text)
+            if response.status_code != 200:
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{server.url}/health").status_code == 200
