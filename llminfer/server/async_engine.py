@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.outputs import RequestOutput
@@ -142,12 +142,15 @@ class AsyncEngine:
         finally:
             self._fail_queued_commands()
 
-    def _apply_commands(self) -> None:
+    def _queued_commands(self) -> Iterator[tuple]:
         while True:
             try:
-                command = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
-                break
+                return
+
+    def _apply_commands(self) -> None:
+        for command in self._queued_commands():
             if command[0] == "add":
                 _, request_id, prompt_ids, params, stream = command
                 with self._lock:
@@ -166,11 +169,7 @@ class AsyncEngine:
 
     def _fail_queued_commands(self) -> None:
         failure = EngineDeadError(self._dead_reason())
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for command in self._queued_commands():
             if command[0] == "add":
                 command[4].put(failure)
 
