@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     convert.set_defaults(handler=_lazy("llminfer.cli.commands", "convert"))
 
+    ppl = commands.add_parser("perplexity", help="perplexity over a text (default: Python's pydoc topics)")
+    _model_arguments(ppl)
+    ppl.add_argument("--text-file", help="UTF-8 text to score (default: pydoc_data.topics, shipped with Python)")
+    ppl.add_argument("--context-len", type=_positive, default=512, help="tokens per scored window")
+    ppl.add_argument("--max-tokens", type=_positive, help="score only the first N tokens of the text")
+    ppl.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    ppl.set_defaults(handler=_lazy("llminfer.perplexity", "perplexity_command"))
+
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page at /")
     _model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")

@@ -18,8 +18,9 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def compute_logits(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [B, V] at the last new token of each request; their keys/values land in the cache."""
+    def compute_logits(self, batch: ScheduledBatch, all_positions: bool = False) -> torch.Tensor:
+        """Logits [B, V] at the last new token of each request (or [T, V] at every new token, for scoring);
+        their keys/values land in the cache."""
         self.cache.copy_blocks(batch.block_copies)
         block_size = self.cache.block_size
         input_ids, positions, slots, starts, context_lens = [], [], [], [0], []
@@ -37,6 +38,8 @@ class ModelRunner:
                             ForwardContext(self.backend, metadata))
         for request, n_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += n_new
+        if all_positions:
+            return self.model.compute_logits(hidden)
         last_rows = torch.tensor([s - 1 for s in starts[1:]], device=self.device)
         return self.model.compute_logits(hidden[last_rows])
 

@@ -1,0 +1,109 @@
+"""`llminfer perplexity`: how well a model predicts a text, over fixed-length windows.
+
+The default text is the English documentation that ships with every Python (`pydoc_data.topics`), so a figure
+measured here can be reproduced anywhere. Each window of `context_len` tokens is prefilled once through the
+engine's own paged-attention path (so the KV cache format under test is the one scored), and every token but
+the window's first is scored: perplexity = exp(mean negative log-likelihood).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from llminfer.engine.llm_engine import LLMEngine, exact_kv_budget
+from llminfer.engine.sampling_params import SamplingParams
+from llminfer.errors import InvalidPromptError
+
+
+def default_text() -> str:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    tokens_scored: int
+    windows: int
+    context_len: int
+    seconds: float
+
+
+def perplexity(model, token_ids: list[int], context_len: int = 512, engine_config=None,
+               progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+    """Score token_ids in consecutive windows of context_len tokens (a last window shorter than 2 is dropped)."""
+    from llminfer.config import EngineConfig
+
+    if context_len < 2:
+        raise InvalidPromptError(f"context_len must be at least 2, got {context_len}")
+    windows = [token_ids[i:i + context_len] for i in range(0, len(token_ids), context_len)]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise InvalidPromptError(f"text has {len(token_ids)} tokens: nothing to score (need at least 2)")
+    # A private engine sized for one window, prefix caching off: every window is computed, never looked up.
+    config = replace(engine_config or EngineConfig(), enable_prefix_caching=False,
+                     max_num_batched_tokens=max(context_len, 1), max_model_len=None)
+    engine = LLMEngine(model, None, exact_kv_budget(config, model, context_len + 1, 1))
+    start = time.perf_counter()
+    total_nll, scored = 0.0, 0
+    for index, window in enumerate(windows):
+        request = engine.add_request(window, SamplingParams(max_tokens=1, ignore_eos=True))
+        batch = engine.scheduler.schedule()
+        logits = engine.runner.compute_logits(batch, all_positions=True)  # [len(window), V]
+        engine.abort(request.group_id)
+        targets = torch.tensor(window[1:], device=logits.device)
+        logprobs = logits[:-1].double().log_softmax(dim=-1)
+        total_nll -= float(logprobs.gather(1, targets[:, None]).sum())
+        scored += len(window) - 1
+        if progress is not None:
+            progress(index + 1, len(windows))
+    mean = total_nll / scored
+    return PerplexityResult(math.exp(mean), mean, scored, len(windows), context_len, time.perf_counter() - start)
+
+
+def perplexity_command(args) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from llminfer.errors import ModelNotFoundError, TokenizerError
+    from llminfer.model.auto import AutoModel
+
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path}: text file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidPromptError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    else:
+        text = default_text()
+    print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
+    model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    if model.tokenizer is None:
+        raise TokenizerError(f"{args.model}: has no tokenizer, so no text can be scored")
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    if args.max_tokens:
+        ids = ids[:args.max_tokens]
+    with tqdm(total=-(-len(ids) // args.context_len), desc="windows", unit="win", file=sys.stderr,
+              disable=args.json) as bar:
+        result = perplexity(model, ids, args.context_len, progress=lambda done, total: bar.update(1))
+    report = {"model": args.model, "dtype": args.dtype, "text": args.text_file or "pydoc_data.topics",
+              **vars(result)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens ({result.windows} windows of "
+              f"{result.context_len}, {report['text']}, {args.dtype}) in {result.seconds:.1f} s")
+    return 0
