@@ -511,3 +511,15 @@ def test_no_random_body_produces_a_500(server):
             if response.status_code != 200:
                 assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_streamed_logprobs_carry_running_text_offsets(server):
+    body = {"model": MODEL, "prompt": "Lists", "max_tokens": 8, "temperature": 0, "stream": True, "logprobs": 1,
+            "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    offsets = [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]]
+    tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert len(tokens) == 8 and offsets[0] == 0 and offsets == sorted(offsets)
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert all(o <= len(text) for o in offsets)

@@ -104,7 +104,7 @@ def create_app(state: ServerState) -> FastAPI:
         _check_model(body.model, config)
         if body.echo:
             raise APIError(400, "invalid 'echo': echoing the prompt is not supported", param="echo")
-        prompts = [_prompt_ids(state, p) for p in body.prompt]
+        prompts = [await asyncio.to_thread(_prompt_ids, state, p) for p in body.prompt]
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
         params = _sampling_params(state, body, prompts, max_tokens, body.logprobs)
         call = _Call(engine, state, new_id("cmpl"), prompts, params, body.model or config.model_name)
@@ -349,7 +349,7 @@ class _Call:
                 "choices": choices, "usage": self._usage(finals), "system_fingerprint": None}
 
     async def _chunks(self, include_usage: bool, object_name: str,
-                      make_choice: Callable[[int, Any, list, bool], dict | None],
+                      make_choice: Callable[[int, Any, list, int], dict | None],
                       first: list[dict] | None = None) -> AsyncIterator[dict]:
         """The streaming skeleton shared by chat and completions: one chunk per engine output that carries
         news, the finish reasons, and an optional usage chunk at the end."""
@@ -358,7 +358,8 @@ class _Call:
         extra = {"usage": None} if include_usage else {}
         if first:
             yield {**base, "choices": first, **extra}
-        sent_tokens: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}  # per choice: tokens and characters already streamed
+        sent_chars: dict[int, int] = {}
         finals: dict[int, RequestOutput] = {}
         async for prompt_index, output in self.outputs():
             choices = []
@@ -367,7 +368,8 @@ class _Call:
                 start = sent_tokens.get(index, 0)
                 sent_tokens[index] = len(c.token_ids)
                 new_logprobs = c.logprobs[start:] if c.logprobs is not None else None
-                choice = make_choice(index, c, new_logprobs, start == 0)
+                choice = make_choice(index, c, new_logprobs, sent_chars.get(index, 0))
+                sent_chars[index] = sent_chars.get(index, 0) + len(c.delta)
                 if choice is not None:
                     choices.append(choice)
             if choices:
@@ -379,17 +381,18 @@ class _Call:
             yield {**base, "choices": [], "usage": self._usage(finals)}
 
     def completion_chunks(self, include_usage: bool) -> AsyncIterator[dict]:
-        def choice(index: int, c: Any, new_logprobs: list | None, _: bool) -> dict | None:
+        def choice(index: int, c: Any, new_logprobs: list | None, text_offset: int) -> dict | None:
             if not c.delta and not c.finish_reason and not new_logprobs:
                 return None
             return {"index": index, "text": c.delta,
-                    "logprobs": self.logprobs.completion(new_logprobs) if new_logprobs is not None else None,
+                    "logprobs": (self.logprobs.completion(new_logprobs, text_offset)
+                                 if new_logprobs is not None else None),
                     "finish_reason": c.finish_reason}
 
         return self._chunks(include_usage, "text_completion", choice)
 
     def chat_chunks(self, include_usage: bool) -> AsyncIterator[dict]:
-        def choice(index: int, c: Any, new_logprobs: list | None, _: bool) -> dict | None:
+        def choice(index: int, c: Any, new_logprobs: list | None, _: int) -> dict | None:
             if not c.delta and not c.finish_reason and not new_logprobs:
                 return None
             delta = {"content": c.delta} if c.delta or not c.finish_reason else {}
