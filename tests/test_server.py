@@ -523,3 +523,10 @@ def test_streamed_logprobs_carry_running_text_offsets(server):
     assert len(tokens) == 8 and offsets[0] == 0 and offsets == sorted(offsets)
     text = "".join(c["choices"][0]["text"] for c in chunks)
     assert all(o <= len(text) for o in offsets)
+
+
+def test_serve_with_a_missing_model_exits_2_with_one_line(tmp_path):
+    from test_cli import assert_one_line_error, run_cli
+
+    result = run_cli("serve", "--model", str(tmp_path / "no-such-model"), "--port", str(free_port()), timeout=120)
+    assert_one_line_error(result, "no-such-model")
