@@ -84,9 +84,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         engine = state.engine
-        snapshot, pending = (engine.snapshot, engine.num_waiting - engine.snapshot.num_waiting) if engine else (
-            EngineSnapshot(), 0)
-        return Response(state.metrics.render(snapshot, pending), media_type="text/plain; version=0.0.4")
+        snapshot, waiting = (engine.snapshot, engine.num_waiting) if engine else (EngineSnapshot(), 0)
+        return Response(state.metrics.render(snapshot, waiting), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -126,10 +125,9 @@ def create_app(state: ServerState) -> FastAPI:
         except TokenizerError as exc:
             raise APIError(400, f"invalid 'messages': {exc}", param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or max(state.max_model_len - len(prompt), 1)
-        top = body.top_logprobs if body.logprobs else None
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "invalid 'top_logprobs': requires 'logprobs': true", param="top_logprobs")
-        logprobs = (top or 0) if body.logprobs else None
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _sampling_params(state, body, [prompt], max_tokens, logprobs)
         call = _Call(engine, state, new_id("chatcmpl"), [prompt], params, body.model or config.model_name)
         if body.stream:
@@ -405,13 +403,18 @@ class _Call:
         return self._chunks(include_usage, "chat.completion.chunk", choice, first)
 
 
+def _engine_error(exc: EngineDeadError | InvalidPromptError) -> APIError:
+    """What a failure reported by the engine means to the client: ours (500) or its own (400)."""
+    if isinstance(exc, EngineDeadError):
+        return APIError(500, str(exc), error_type="server_error")
+    return APIError(400, str(exc))
+
+
 def _engine_result(work: asyncio.Task) -> dict[int, RequestOutput]:
     try:
         return work.result()
-    except EngineDeadError as exc:
-        raise APIError(500, str(exc), error_type="server_error") from None
-    except InvalidPromptError as exc:
-        raise APIError(400, str(exc)) from None
+    except (EngineDeadError, InvalidPromptError) as exc:
+        raise _engine_error(exc) from None
 
 
 async def _client_gone(request: Request) -> None:
@@ -425,10 +428,8 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        except EngineDeadError as exc:
-            yield f"data: {json.dumps(APIError(500, str(exc), error_type='server_error').body())}\n\n"
-        except InvalidPromptError as exc:
-            yield f"data: {json.dumps(APIError(400, str(exc)).body())}\n\n"
+        except (EngineDeadError, InvalidPromptError) as exc:  # headers are sent: the error goes in the stream
+            yield f"data: {json.dumps(_engine_error(exc).body())}\n\n"
         finally:
             await chunks.aclose()  # a client gone mid-stream: aborts the engine requests now
         yield "data: [DONE]\n\n"

@@ -30,9 +30,10 @@ class ServerMetrics:
         self.e2e = Histogram("llminfer_e2e_request_latency_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
 
-    def render(self, snapshot: EngineSnapshot, num_pending: int) -> bytes:
+    def render(self, snapshot: EngineSnapshot, num_waiting: int) -> bytes:
+        """num_waiting: the scheduler's queue plus requests not yet handed to it."""
         self.running.set(snapshot.num_running)
-        self.waiting.set(snapshot.num_waiting + num_pending)
+        self.waiting.set(num_waiting)
         self.kv_usage.set(snapshot.kv_cache_usage)
         self.prefix_hit.set(snapshot.prefix_cache_hit_ratio)
         return generate_latest(self.registry)
