@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -37,28 +37,35 @@ class PerplexityResult:
     seconds: float
 
 
+def window_logits(model, windows: list[list[int]], engine_config=None) -> Iterator[torch.Tensor]:
+    """Prefill each window (token ids) on its own through the engine's paged path; yields its logits [L, V]."""
+    from llminfer.config import EngineConfig
+
+    longest = max(len(w) for w in windows)
+    # A private engine sized for one window, prefix caching off: every window is computed, never looked up.
+    config = replace(engine_config or EngineConfig(), enable_prefix_caching=False,
+                     max_num_batched_tokens=longest, max_model_len=None)
+    engine = LLMEngine(model, None, exact_kv_budget(config, model, longest + 1, 1))
+    for window in windows:
+        request = engine.add_request(window, SamplingParams(max_tokens=1, ignore_eos=True))
+        batch = engine.scheduler.schedule()
+        logits = engine.runner.compute_logits(batch, all_positions=True)  # [len(window), V]
+        engine.abort(request.group_id)
+        yield logits
+
+
 def perplexity(model, token_ids: list[int], context_len: int = 512, engine_config=None,
                progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """Score token_ids in consecutive windows of context_len tokens (a last window shorter than 2 is dropped)."""
-    from llminfer.config import EngineConfig
-
     if context_len < 2:
         raise InvalidPromptError(f"context_len must be at least 2, got {context_len}")
     windows = [token_ids[i:i + context_len] for i in range(0, len(token_ids), context_len)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
         raise InvalidPromptError(f"text has {len(token_ids)} tokens: nothing to score (need at least 2)")
-    # A private engine sized for one window, prefix caching off: every window is computed, never looked up.
-    config = replace(engine_config or EngineConfig(), enable_prefix_caching=False,
-                     max_num_batched_tokens=max(context_len, 1), max_model_len=None)
-    engine = LLMEngine(model, None, exact_kv_budget(config, model, context_len + 1, 1))
     start = time.perf_counter()
     total_nll, scored = 0.0, 0
-    for index, window in enumerate(windows):
-        request = engine.add_request(window, SamplingParams(max_tokens=1, ignore_eos=True))
-        batch = engine.scheduler.schedule()
-        logits = engine.runner.compute_logits(batch, all_positions=True)  # [len(window), V]
-        engine.abort(request.group_id)
+    for index, (window, logits) in enumerate(zip(windows, window_logits(model, windows, engine_config))):
         targets = torch.tensor(window[1:], device=logits.device)
         logprobs = logits[:-1].double().log_softmax(dim=-1)
         total_nll -= float(logprobs.gather(1, targets[:, None]).sum())

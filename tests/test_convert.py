@@ -67,7 +67,7 @@ def test_failed_conversion_leaves_nothing_behind(tiny_llama_folder, tmp_path, mo
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert_module, "_write_manifest", explode)
+    monkeypatch.setattr(convert_module, "write_manifest", explode)
     with pytest.raises(OSError, match="disk full"):
         convert_checkpoint(str(tiny_llama_folder), tmp_path / "out", dtype="float32")
     assert os.listdir(tmp_path) == []

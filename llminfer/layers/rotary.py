@@ -39,10 +39,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
-        inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self._settings = (head_dim, max_positions, theta, scaling)
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self.reset_cache()
+
+    def reset_cache(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the cos/sin tables, e.g. after the network was built on the meta device."""
+        head_dim, max_positions, theta, scaling = self._settings
+        inv_freq = rope_inverse_frequencies(head_dim, theta, scaling).to(device)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)  # [P, D/2]
+        self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate x: [T, H, D] by each token's position ([T]). Queries and keys may be rotated in one call."""

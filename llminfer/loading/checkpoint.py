@@ -12,6 +12,7 @@ from llminfer.config import ModelConfig
 from llminfer.errors import ConfigError
 
 if TYPE_CHECKING:
+    from llminfer.quantization.config import QuantizationConfig
     from llminfer.tokenizer import Tokenizer
 
 
@@ -39,6 +40,10 @@ class Checkpoint(ABC):
 
     @abstractmethod
     def tokenizer(self) -> Tokenizer | None: ...
+
+    def quantization_config(self) -> QuantizationConfig | None:
+        """How the checkpoint's linear layers are quantized (None: float weights)."""
+        return None
 
     def check_compatible(self, config: ModelConfig) -> None:
         mine = self.config

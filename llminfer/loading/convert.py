@@ -16,8 +16,10 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -37,39 +39,55 @@ def convert_checkpoint(source: str, destination: str | Path, dtype: str = "bfloa
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype '{dtype}' is not supported (expected one of {', '.join(DTYPES)})")
     destination = Path(destination)
-    if destination.exists() and not (destination.is_dir() and not any(destination.iterdir())) and not overwrite:
-        raise ConfigError(f"{destination}: already exists and is not empty (choose another path or pass --overwrite)")
     checkpoint = open_checkpoint(source)
     config = replace(checkpoint.config, torch_dtype=dtype)
     tokenizer = checkpoint.tokenizer()
+    with staged_folder(destination, overwrite) as staging:
+        tensors = ((name, tensor.to(DTYPES[dtype])) for name, tensor in checkpoint.named_tensors()
+                   if not (name == "lm_head.weight" and config.tie_word_embeddings))
+        shards = write_shards(tensors, staging, max_shard_bytes, checkpoint.name)
+        write_model_files(staging, config, tokenizer)
+        write_manifest(staging, {"source": source, "source_format": checkpoint.format, "dtype": dtype,
+                                 "num_tensors": len(shards)})
+    return destination
+
+
+@contextmanager
+def staged_folder(destination: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `destination`, renamed into place only when the block succeeds."""
+    destination = Path(destination)
+    if destination.exists() and not (destination.is_dir() and not any(destination.iterdir())) and not overwrite:
+        raise ConfigError(f"{destination}: already exists and is not empty (choose another path or pass --overwrite)")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
-        shards = _write_shards(checkpoint, config, staging, DTYPES[dtype], max_shard_bytes)
-        (staging / OUR_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
-        (staging / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-        if tokenizer is not None:
-            tokenizer.save(staging)
-        _write_manifest(staging, source, checkpoint.format, dtype, shards)
+        yield staging
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; the model folder should not be
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return destination
 
 
-def _write_shards(checkpoint, config, folder: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict[str, str]:
+def write_model_files(folder: Path, config, tokenizer) -> None:
+    """Our config, its Hugging Face equivalent, and the tokenizer files."""
+    (folder / OUR_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+
+
+def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, max_shard_bytes: int,
+                 source_name: str) -> dict[str, str]:
     """Stream tensors into shards of at most max_shard_bytes; returns the weight map (tensor -> file)."""
     parts: list[dict[str, torch.Tensor]] = [{}]
     part_bytes = 0
     part_names: list[str] = []
     weight_map: dict[str, str] = {}
-    for name, tensor in checkpoint.named_tensors():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        tensor = tensor.to(dtype).contiguous()
+    for name, tensor in tensors:
+        tensor = tensor.contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         if parts[-1] and part_bytes + nbytes > max_shard_bytes:
             part_names.append(_save_part(parts.pop(), folder, len(part_names), weight_map))
@@ -80,7 +98,7 @@ def _write_shards(checkpoint, config, folder: Path, dtype: torch.dtype, max_shar
     if parts[-1]:
         part_names.append(_save_part(parts.pop(), folder, len(part_names), weight_map))
     if not part_names:
-        raise ModelFormatError(f"{checkpoint.name}: no tensors to convert")
+        raise ModelFormatError(f"{source_name}: no tensors to write")
     # Final names need the shard count, known only now.
     if len(part_names) == 1:
         final = {part_names[0]: "model.safetensors"}
@@ -102,7 +120,8 @@ def _save_part(part: dict[str, torch.Tensor], folder: Path, index: int, weight_m
     return name
 
 
-def _write_manifest(folder: Path, source: str, source_format: str, dtype: str, weight_map: dict[str, str]) -> None:
+def write_manifest(folder: Path, fields: dict) -> None:
+    """manifest.json: every file with its size and sha256, plus what produced the folder."""
     files = {}
     for path in sorted(folder.iterdir()):
         digest = hashlib.sha256()
@@ -110,10 +129,7 @@ def _write_manifest(folder: Path, source: str, source_format: str, dtype: str, w
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
         files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-    manifest = {
-        "format": "llminfer", "format_version": FORMAT_VERSION, "source": source, "source_format": source_format,
-        "dtype": dtype, "num_tensors": len(weight_map), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": files,
-    }
+    manifest = {"format": "llminfer", "format_version": FORMAT_VERSION, **fields,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     print(f"llminfer: wrote {len(files)} files ({sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)", file=sys.stderr)

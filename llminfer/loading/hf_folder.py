@@ -17,12 +17,15 @@ from llminfer.errors import ModelFormatError
 from llminfer.loading.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
+    from llminfer.quantization.config import QuantizationConfig
     from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 OUR_CONFIG = "model_config.json"  # written by `llminfer convert`, ModelConfig fields
 MANIFEST = "manifest.json"
+_SAFETENSORS_DTYPES = {"I8": "int8", "U8": "uint8", "I32": "int32", "F32": "float32", "F16": "float16",
+                       "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
 
 
 class HFFolderCheckpoint(Checkpoint):
@@ -104,6 +107,27 @@ class HFFolderCheckpoint(Checkpoint):
                     for name, tensor in _load_bin(file).items():
                         yield name, tensor
                         bar.update()
+
+    def quantization_config(self) -> "QuantizationConfig | None":
+        from llminfer.quantization.config import MANIFEST_FILE
+        from llminfer.quantization.save import read_quantization_manifest
+
+        if not (self.path / MANIFEST_FILE).is_file():
+            return None
+        return read_quantization_manifest(self.path, self._tensor_shapes())
+
+    def _tensor_shapes(self) -> dict[str, tuple[str, list[int]]]:
+        """name -> (torch dtype name, shape), from the safetensors headers (no tensor is read)."""
+        shapes = {}
+        for file in self._files:
+            if file.suffix != ".safetensors":
+                continue
+            with _open_safetensors(file) as f:
+                for name in f.keys():
+                    tensor_slice = f.get_slice(name)
+                    dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), tensor_slice.get_dtype())
+                    shapes[name] = (dtype, list(tensor_slice.get_shape()))
+        return shapes
 
     def tokenizer(self) -> "Tokenizer | None":
         from llminfer.tokenizer import Tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from llminfer.config import DTYPES, ModelConfig, load_model_config_file
 from llminfer.errors import ConfigError
 from llminfer.model.base import CausalLM
 from llminfer.model.llama import LlamaForCausalLM
+from llminfer.quantization.config import QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +24,23 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
 }
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
-    """An uninitialised network of the config's shape (weights are loaded afterwards)."""
+def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                quantization: QuantizationConfig | None = None) -> CausalLM:
+    """An uninitialised network of the config's shape (weights are loaded afterwards).
+
+    With a quantization config, the linear layers it names are built as quantized layers and no float
+    weight is ever allocated for them: the float skeleton is built on the meta device first.
+    """
     # Create parameters directly in the target dtype and device: no float32 copy of a bf16 model.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device if quantization is None else "meta"):
             model = MODEL_REGISTRY[config.model_type](config)
+        if quantization is not None:
+            from llminfer.quantization.apply import build_quantized_layers
+
+            build_quantized_layers(model, quantization, device)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
@@ -55,15 +66,29 @@ class AutoModel:
         return model
 
     @staticmethod
-    def from_pretrained(model: str | Path, dtype: str = "float32", device: str = "cpu") -> CausalLM:
-        """Load an HF folder, a GGUF file, a converted folder, a hub id or an alias like 'smollm2-135m'."""
+    def from_pretrained(model: str | Path, dtype: str = "auto", device: str = "cpu") -> CausalLM:
+        """Load an HF folder, a GGUF file, a converted folder, a quantized folder, a hub id or an alias like
+        'smollm2-135m'. dtype 'auto' is float32, or a quantized checkpoint's compute dtype."""
         from llminfer.loading import open_checkpoint
 
         source = open_checkpoint(str(model))
-        network = build_model(source.model_config(), _dtype(dtype), device)
+        quantization = source.quantization_config()
+        dtype = resolve_dtype(dtype, quantization)
+        network = build_model(source.model_config(), _dtype(dtype), device, _with_compute_dtype(quantization, dtype))
         network.load_weights(source.named_tensors(), source=source.name)
         network.tokenizer = source.tokenizer()
         return network
+
+
+def resolve_dtype(dtype: str, quantization: QuantizationConfig | None) -> str:
+    """'auto': a quantized checkpoint's compute dtype, else float32."""
+    if dtype == "auto":
+        return quantization.compute_dtype if quantization is not None else "float32"
+    return dtype
+
+
+def _with_compute_dtype(quantization: QuantizationConfig | None, dtype: str) -> QuantizationConfig | None:
+    return replace(quantization, compute_dtype=dtype) if quantization is not None else None
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -15,6 +15,7 @@ from llminfer.layers.attention import ForwardContext
 from llminfer.layers.linear import default_weight_loader
 
 if TYPE_CHECKING:
+    from llminfer.quantization.config import QuantizationConfig
     from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer: Tokenizer | None = None  # attached by AutoModel.from_pretrained when the checkpoint has one
+        self.quantization: QuantizationConfig | None = None  # set when the linear layers are quantized
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         raise NotImplementedError
@@ -79,6 +81,9 @@ class CausalLM(nn.Module):
         if missing:
             raise ModelFormatError(f"{source}: missing tensor(s) for {', '.join(m.split('/')[0] for m in missing[:5])}"
                                    + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        for module in self.modules():  # e.g. quantized layers fold their scales into the kernel's layout
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
 
     def _parameter_for(self, checkpoint_name: str) -> tuple[str, str | int | None]:
         for ckpt_part, (fused, shard) in self.packed_modules_mapping.items():

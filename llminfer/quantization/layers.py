@@ -1,0 +1,250 @@
+"""Quantized linear layers: packed weights in memory, low-precision kernels in forward.
+
+Each class stores what its checkpoint stores (`qweight`, `scales`, `zeros`, `smooth`, `bias`) and can give
+it back in the same layout (`checkpoint_tensors`), so a converted model saves and reloads bit for bit.
+They replace `Linear` / `MergedLinear` one for one; the model file does not change.
+
+Kernels: on CPU, PyTorch's int8 weight-only matmul (`_weight_int8pack_mm`), its packed int4 matmul
+(`_weight_int4pack_mm_for_cpu`) and `torch._int_mm` for A8W8. On CUDA, the int4 tinygemm kernel and
+`torch._int_mm`; A16W8 on CUDA has no PyTorch kernel and runs dequantize-then-matmul (untested here:
+no GPU on the development machine).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llminfer.layers.linear import Linear
+from llminfer.quantization import functional as Q
+from llminfer.quantization.config import QuantizationConfig
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.bias = _frozen(torch.zeros(out_features, dtype=compute_dtype)) if bias else None
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.bias if self.bias is not None else y
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, self.in_features)
+
+    @classmethod
+    def from_float(cls, linear: Linear, config: QuantizationConfig, **state: torch.Tensor) -> "QuantizedLinear":
+        raise NotImplementedError
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensor suffix -> value, in checkpoint layout."""
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight [N, K] this layer represents (for tests and analysis)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8WeightOnlyLinear(QuantizedLinear):
+    """A16W8: y = x (q * scale)^T, int8 weights with one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        self.qweight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8))  # [N, K]
+        self.scales = _frozen(torch.ones(out_features, dtype=compute_dtype))  # [N]; the kernel wants x's dtype
+
+    @classmethod
+    def from_float(cls, linear: Linear, config: QuantizationConfig, **state: torch.Tensor) -> "Int8WeightOnlyLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, _dtype(config))
+        q, scale = Q.quantize_int8_per_channel(linear.weight)
+        layer.qweight.data = q.to(linear.weight.device)
+        layer.scales.data = scale.to(layer.compute_dtype)
+        _copy_bias(layer, linear)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self._flat(x)
+        if flat.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
+        else:
+            y = F.linear(flat, self.qweight.to(flat.dtype)) * self.scales
+        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "scales": self.scales}
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return Q.dequantize_int8_per_channel(self.qweight, self.scales)
+
+
+class Int4WeightOnlyLinear(QuantizedLinear):
+    """A16W4: groups of `group_size` inputs share a scale and a zero point; levels packed two per byte.
+
+    The checkpoint holds levels packed plainly ([N, K/2], even column in the low nibble) with float32
+    scales/zeros [N, K/g]. In memory the weight is in the kernel's own packed layout and scales/zeros are
+    folded into the kernel's [K/g, N, 2] (scale, offset) table: w = (q - 8) * scale + offset.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16, group_size: int = 64) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        Q.check_group_size(in_features, group_size)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.qweight = _frozen(torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.qweight.weight_loader = self._load_plain_qweight
+        # Loaded from the checkpoint, then folded into scales_and_offsets by process_weights_after_loading.
+        self.scales = _frozen(torch.ones(out_features, groups, dtype=torch.float32))
+        self.zeros = _frozen(torch.zeros(out_features, groups, dtype=torch.float32))
+        self.register_buffer("scales_and_offsets", None)
+
+    @classmethod
+    def from_float(cls, linear: Linear, config: QuantizationConfig, q: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> "Int4WeightOnlyLinear":
+        """Round-to-nearest, or the levels and grid a calibration method (GPTQ) chose."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, _dtype(config),
+                    config.group_size)
+        if q is None:
+            q, scale, zero = Q.quantize_int4_groups(linear.weight, config.group_size)
+        device = linear.weight.device
+        layer.to(device)
+        layer._load_plain_qweight(layer.qweight, Q.pack_int4(q.to(device)))
+        layer.scales.data, layer.zeros.data = scale.float().to(device), zero.float().to(device)
+        layer.process_weights_after_loading()
+        _copy_bias(layer, linear)
+        return layer
+
+    def _load_plain_qweight(self, param: nn.Parameter, packed: torch.Tensor, shard=None) -> None:
+        if packed.shape != param.shape or packed.dtype != torch.uint8:
+            raise ValueError(f"expected packed int4 levels uint8 {tuple(param.shape)}, "
+                             f"got {packed.dtype} {tuple(packed.shape)}")
+        levels = Q.unpack_int4(packed.to(param.device)).to(torch.int32)
+        if param.device.type == "cpu":
+            param.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)
+        else:
+            high_first = (levels[:, 0::2] << 4 | levels[:, 1::2]).to(torch.uint8)  # the CUDA kernel's nibble order
+            param.data = torch.ops.aten._convert_weight_to_int4pack(high_first, 8)
+
+    def process_weights_after_loading(self) -> None:
+        if self.scales is None:
+            return
+        scale, zero = self.scales.data.float(), self.zeros.data.float()
+        offset = (8 - zero) * scale  # the kernel computes (q - 8) * scale + offset
+        table = torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+        self.scales_and_offsets = table.to(self.compute_dtype)
+        self.scales = self.zeros = None  # folded into the table; free them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._int4_matmul(self._flat(x), self.scales_and_offsets)
+        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+
+    def _int4_matmul(self, flat: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        if flat.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, table)
+        return torch.ops.aten._weight_int4pack_mm(flat, self.qweight, self.group_size, table)
+
+    def _levels(self) -> torch.Tensor:
+        """Recover the levels [N, K] from the kernel's opaque layout by multiplying with the identity:
+        with scale 1 and offset 0 the kernel returns q - 8 exactly."""
+        table = torch.zeros_like(self.scales_and_offsets)
+        table[..., 0] = 1
+        eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.qweight.device)
+        rows = [self._int4_matmul(eye[start:start + 1024], table) for start in range(0, self.in_features, 1024)]
+        return (torch.cat(rows).T.float() + 8).round().to(torch.uint8)
+
+    def _scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self.scales_and_offsets.float().transpose(0, 1)  # [N, K/g, 2]
+        scale = table[..., 0]
+        return scale, 8 - table[..., 1] / scale
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        scale, zero = self._scales_zeros()
+        return {"qweight": Q.pack_int4(self._levels()), "scales": scale, "zeros": zero}
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return Q.dequantize_int4_groups(self._levels(), *self._scales_zeros())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class Int8DynamicLinear(QuantizedLinear):
+    """A8W8: int8 weights per output channel; activations quantized per token at run time (after division by
+    the SmoothQuant factors, when present); int8 x int8 -> int32 matmul; rescaled to the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16, smoothing: bool = False) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        self.qweight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.scales = _frozen(torch.ones(out_features, dtype=torch.float32))
+        self.smooth = _frozen(torch.ones(in_features, dtype=torch.float32)) if smoothing else None
+
+    @classmethod
+    def from_float(cls, linear: Linear, config: QuantizationConfig,
+                   smooth: torch.Tensor | None = None) -> "Int8DynamicLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, _dtype(config),
+                    smoothing=config.smoothing)
+        weight = linear.weight.float()
+        if config.smoothing:
+            smooth = smooth if smooth is not None else torch.ones(linear.in_features)
+            layer.smooth.data = smooth.float().to(weight.device)
+            weight = weight * layer.smooth[None, :]  # outliers move from x into W: (x / s)(W s)^T = x W^T
+        q, scale = Q.quantize_int8_per_channel(weight)
+        layer.qweight.data, layer.scales.data = q, scale
+        _copy_bias(layer, linear)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self._flat(x).float()
+        if self.smooth is not None:
+            flat = flat / self.smooth
+        xq, x_scale = Q.quantize_int8_per_token(flat)
+        if xq.device.type == "cuda" and xq.shape[0] <= 16:  # the CUDA kernel needs more than 16 rows
+            xq = F.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
+        acc = torch._int_mm(xq, self.qweight.t())[: flat.shape[0]]  # [M, N] int32
+        y = (acc.float() * x_scale * self.scales).to(x.dtype)
+        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"qweight": self.qweight, "scales": self.scales}
+        if self.smooth is not None:
+            tensors["smooth"] = self.smooth
+        return tensors
+
+    def dequantized_weight(self) -> torch.Tensor:
+        weight = Q.dequantize_int8_per_channel(self.qweight, self.scales)
+        return weight / self.smooth[None, :] if self.smooth is not None else weight
+
+
+LAYER_CLASSES = {"a16w8": Int8WeightOnlyLinear, "a16w4": Int4WeightOnlyLinear, "a8w8": Int8DynamicLinear}
+
+
+def empty_quantized_linear(linear: Linear, config: QuantizationConfig) -> QuantizedLinear:
+    """The quantized layer that takes `linear`'s place, to be filled from a quantized checkpoint."""
+    dtype, has_bias = _dtype(config), linear.bias is not None
+    if config.scheme == "a16w4":
+        return Int4WeightOnlyLinear(linear.in_features, linear.out_features, has_bias, dtype, config.group_size)
+    if config.scheme == "a8w8":
+        return Int8DynamicLinear(linear.in_features, linear.out_features, has_bias, dtype, config.smoothing)
+    return Int8WeightOnlyLinear(linear.in_features, linear.out_features, has_bias, dtype)
+
+
+def _dtype(config: QuantizationConfig) -> torch.dtype:
+    from llminfer.config import DTYPES
+
+    return DTYPES[config.compute_dtype]
+
+
+def _copy_bias(layer: QuantizedLinear, linear: Linear) -> None:
+    if linear.bias is not None:
+        layer.bias.data = linear.bias.detach().to(layer.compute_dtype).clone()

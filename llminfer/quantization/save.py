@@ -1,0 +1,117 @@
+"""Quantized checkpoints: packed safetensors + model config + tokenizer + a quantization manifest.
+
+quantization.json records the scheme, group size, algorithm, calibration data (source, sha256, tokens), which
+tensors are quantized (name, dtype, shape), what stays in the compute dtype, and the weight memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from llminfer.errors import ConfigError, ModelFormatError
+from llminfer.loading.convert import staged_folder, write_manifest, write_model_files, write_shards
+from llminfer.quantization.config import MANIFEST_FILE, QuantizationConfig
+from llminfer.quantization.layers import QuantizedLinear
+
+
+def quantized_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a quantized network under its checkpoint name (tied weights once)."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, QuantizedLinear):
+            own = dict(module.checkpoint_tensors())
+            if module.bias is not None:
+                own["bias"] = module.bias
+        else:
+            own = dict(module.named_parameters(recurse=False))
+        for suffix, tensor in own.items():
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            yield f"{prefix}{suffix}", tensor.detach().cpu()
+
+
+def weight_memory(model: nn.Module) -> dict[str, int | float]:
+    """Bytes of the quantized linear layers, of the same layers in float32, and of everything else."""
+    quantized = float32 = other = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            quantized += sum(t.numel() * t.element_size() for t in module.checkpoint_tensors().values())
+            float32 += module.in_features * module.out_features * 4
+    seen = {id(t) for m in model.modules() if isinstance(m, QuantizedLinear) for t in m.parameters()}
+    other = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)
+    return {"quantized_linear_bytes": quantized, "same_linears_float32_bytes": float32,
+            "ratio_to_float32": round(quantized / float32, 4) if float32 else 0.0, "other_bytes": other}
+
+
+def save_quantized(model: nn.Module, path: str | Path, overwrite: bool = False,
+                   max_shard_bytes: int = 2 * 1024**3, source: str | None = None) -> Path:
+    """Write a converted (quantized) model so that LLM(path) / AutoModel.from_pretrained(path) load it
+    directly. Written into a temporary folder and renamed: a failure leaves nothing behind."""
+    qconfig: QuantizationConfig | None = getattr(model, "quantization", None)
+    if qconfig is None:
+        raise ConfigError("save_quantized: the model is not quantized (run convert() first)")
+    destination = Path(path)
+    with staged_folder(destination, overwrite) as staging:
+        weight_map = write_shards(quantized_tensors(model), staging, max_shard_bytes, "model")
+        write_model_files(staging, model.config, getattr(model, "tokenizer", None))
+        manifest = {
+            "quantization": qconfig.to_dict(),
+            "quantized_tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
+                                  for name, t in _quantized_only(model)},
+            "kept_in_compute_dtype": sorted(name for name in weight_map if not _is_quantized_name(model, name)),
+            "weight_memory": weight_memory(model),
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        write_manifest(staging, {"source": source or "in-memory model", "dtype": qconfig.compute_dtype,
+                                 "quantization": qconfig.describe(), "num_tensors": len(weight_map)})
+    return destination
+
+
+def _quantized_only(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            for suffix, tensor in module.checkpoint_tensors().items():
+                yield f"{name}.{suffix}", tensor
+
+
+def _is_quantized_name(model: nn.Module, tensor_name: str) -> bool:
+    module_name, _, suffix = tensor_name.rpartition(".")
+    try:
+        return isinstance(model.get_submodule(module_name), QuantizedLinear) and suffix != "bias"
+    except AttributeError:
+        return False
+
+
+def read_quantization_manifest(folder: Path, tensor_shapes: dict[str, tuple[str, list[int]]]
+                               ) -> QuantizationConfig:
+    """Parse quantization.json and check it against the tensors actually in the folder."""
+    file = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("quantization"), dict):
+        raise ModelFormatError(f"{file}: missing the 'quantization' object")
+    config = QuantizationConfig.from_dict(manifest["quantization"], str(file))
+    listed = manifest.get("quantized_tensors")
+    if not isinstance(listed, dict) or not listed:
+        raise ModelFormatError(f"{file}: missing the 'quantized_tensors' listing")
+    for name, entry in listed.items():
+        if name not in tensor_shapes:
+            raise ModelFormatError(f"{file}: lists tensor '{name}', which is not in the weight files")
+        dtype, shape = tensor_shapes[name]
+        if [dtype, list(shape)] != [entry.get("dtype"), entry.get("shape")]:
+            raise ModelFormatError(f"{file}: tensor '{name}' is {dtype} {list(shape)} in the weight files, "
+                                   f"the manifest says {entry.get('dtype')} {entry.get('shape')}")
+    unlisted = [n for n in tensor_shapes if n.endswith((".qweight", ".scales", ".zeros", ".smooth"))
+                and n not in listed]
+    if unlisted:
+        raise ModelFormatError(f"{file}: tensor '{unlisted[0]}' is in the weight files but not in the manifest")
+    return config
