@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from llminfer.cli.main import model_options
+
 
 def _log(message: str) -> None:
     print(f"llminfer: {message}", file=sys.stderr, flush=True)
@@ -28,9 +30,11 @@ def _log(message: str) -> None:
 
 def _print_table(results: list, columns: list[tuple[str, str, str]]) -> None:
     """One row per engine; columns are (title, result attribute, format spec)."""
-    print(f"{'engine':<14}" + "".join(f"{title:>{len(title) + 3}}" for title, _, _ in columns))
+    width = max(14, *(len(r.engine) + 2 for r in results))
+    print(f"{'engine':<{width}}" + "".join(f"{title:>{len(title) + 3}}" for title, _, _ in columns))
     for r in results:
-        print(f"{r.engine:<14}" + "".join(f"{getattr(r, attr):>{len(title) + 3}{spec}}" for title, attr, spec in columns))
+        print(f"{r.engine:<{width}}"
+              + "".join(f"{getattr(r, attr):>{len(title) + 3}{spec}}" for title, attr, spec in columns))
 
 
 @dataclass
@@ -48,8 +52,18 @@ def _median_result(engine: str, runs: list[tuple[float, float]], input_tokens: i
                          ttft * 1e3)
 
 
+def _label(llm, model: str) -> str:
+    """A row title: the model as given, with what it runs as (dtype, quantization, KV cache)."""
+    parts = [llm.config.dtype]
+    if llm.model.quantization is not None:
+        parts.append(llm.model.quantization.describe())
+    if llm.engine.kv_cache_dtype != "auto":
+        parts.append(f"kv {llm.engine.kv_cache_dtype}")
+    return f"{model} [{', '.join(parts)}]"
+
+
 def measure_llminfer(llm, prompts: list[list[int]], output_len: int, iters: int,
-                     log: Callable[[str], None]) -> LatencyResult:
+                     log: Callable[[str], None], label: str = "llminfer") -> LatencyResult:
     from llminfer.engine import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -69,7 +83,7 @@ def measure_llminfer(llm, prompts: list[list[int]], output_len: int, iters: int,
     for i in range(iters):
         runs.append(run())
         log(f"llminfer run {i + 1}/{iters}: ttft {runs[-1][0] * 1e3:.0f} ms, decode {runs[-1][1]:.2f} s")
-    return _median_result("llminfer", runs, sum(map(len, prompts)), output_len * len(prompts))
+    return _median_result(label, runs, sum(map(len, prompts)), output_len * len(prompts))
 
 
 def measure_transformers(model_path: str, dtype: str, device: str, prompts: list[list[int]], output_len: int,
@@ -126,12 +140,17 @@ def latency_command(args: argparse.Namespace) -> int:
 
     log = _log
     log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              max_num_seqs=args.batch_size, kv_cache_memory=args.kv_cache_memory)
+    llm = LLM(args.model, **model_options(args), max_num_seqs=args.batch_size)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, llm.model_config.vocab_size - 100, (args.batch_size, args.input_len),
                             generator=generator).tolist()
-    results = [measure_llminfer(llm, prompts, args.output_len, args.iters, log)]
+    results = [measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=_label(llm, args.model))]
+    for other in args.compare_with:  # e.g. quantized folders of the same model, measured in this run
+        del llm
+        log(f"loading {other}")
+        llm = LLM(other, **{**model_options(args), "dtype": "auto", "quantization": None},
+                  max_num_seqs=args.batch_size)
+        results.append(measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=_label(llm, other)))
     if args.compare == "hf":
         del llm
         results.append(measure_transformers(args.model, args.dtype, args.device, prompts, args.output_len,
@@ -141,8 +160,13 @@ def latency_command(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "results": [asdict(r) for r in results],
     }
-    if len(results) == 2:
-        ours, peer = results
+    if args.compare_with:
+        base = results[0]
+        report["ratio_vs_first"] = {r.engine: {"prefill": r.prefill_tokens_per_s / base.prefill_tokens_per_s,
+                                               "decode": r.decode_tokens_per_s / base.decode_tokens_per_s}
+                                    for r in results[1:len(args.compare_with) + 1]}
+    if args.compare == "hf":
+        ours, peer = results[0], results[-1]
         report["ratio_vs_transformers"] = {
             "prefill": ours.prefill_tokens_per_s / peer.prefill_tokens_per_s,
             "decode": ours.decode_tokens_per_s / peer.decode_tokens_per_s,
@@ -155,6 +179,8 @@ def latency_command(args: argparse.Namespace) -> int:
           f"batch {args.batch_size}  input {args.input_len}  output {args.output_len}")
     _print_table(results, [("prefill tok/s", "prefill_tokens_per_s", ".1f"), ("decode tok/s", "decode_tokens_per_s", ".1f"),
                            ("TTFT ms", "ttft_ms", ".1f")])
+    for label, ratio in report.get("ratio_vs_first", {}).items():
+        print(f"{label} / {results[0].engine}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
     if "ratio_vs_transformers" in report:
         ratio = report["ratio_vs_transformers"]
         print(f"llminfer / transformers: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x, "
@@ -184,8 +210,7 @@ def throughput_command(args: argparse.Namespace) -> int:
 
     log = _log
     log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory,
+    llm = LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching)
     prompts = synthetic_prompts(args.num_prompts, args.input_len, args.prefix_len, llm.model_config.vocab_size)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -245,6 +270,8 @@ def throughput_command(args: argparse.Namespace) -> int:
           f"over the run); contiguous per-request reservation of the full context: {contiguous_slots} slots")
     print(f"prefix cache: {stats.prefix_cache_hit_rate:.1%} of prompt tokens hit; prefill computed "
           f"{report['prefill_tokens_computed']} of {prompt_tokens} prompt tokens; preemptions {report['preemptions']}")
+    for label, ratio in report.get("ratio_vs_first", {}).items():
+        print(f"{label} / {results[0].engine}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
     if "ratio_vs_transformers" in report:
         print(f"llminfer / transformers output tokens/s: {report['ratio_vs_transformers']['output_tokens_per_s']:.2f}x")
     return 0

@@ -199,10 +199,12 @@ class EngineConfig:
     kv_cache_memory: int | float | str | None = None  # "2GiB", bytes, a fraction of free memory, or None (auto)
     block_size: int = 16  # tokens per KV block
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype (or a quantized checkpoint's choice); "int8"
+    quantization: str | None = None  # a scheme to quantize a float checkpoint with at load (round-to-nearest)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype '{self.dtype}' is not supported (expected one of {', '.join(DTYPES)})")
+        if self.dtype not in DTYPES and self.dtype != "auto":
+            raise ConfigError(f"dtype '{self.dtype}' is not supported (expected auto or one of {', '.join(DTYPES)})")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -216,6 +218,10 @@ class EngineConfig:
             raise ConfigError(f"device '{self.device}' requested, but this torch build sees no CUDA GPU")
         if self.kv_cache_memory is not None:
             parse_memory(self.kv_cache_memory)  # validate early
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ConfigError(f"kv_cache_dtype '{self.kv_cache_dtype}' is not supported (expected auto or int8)")
+        if self.quantization not in (None, "a16w8", "a16w4", "a8w8"):
+            raise ConfigError(f"quantization '{self.quantization}' is not supported (expected a16w8, a16w4 or a8w8)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -83,6 +83,8 @@ def perplexity_command(args) -> int:
 
     from tqdm import tqdm
 
+    from llminfer.config import EngineConfig
+    from llminfer.engine.llm_engine import resolve_kv_cache_dtype
     from llminfer.errors import ModelNotFoundError, TokenizerError
     from llminfer.model.auto import AutoModel
 
@@ -97,7 +99,8 @@ def perplexity_command(args) -> int:
     else:
         text = default_text()
     print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
-    model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
+    engine_config = EngineConfig(kv_cache_dtype=args.kv_cache_dtype)
     if model.tokenizer is None:
         raise TokenizerError(f"{args.model}: has no tokenizer, so no text can be scored")
     ids = model.tokenizer.encode(text, add_special_tokens=False)
@@ -105,12 +108,16 @@ def perplexity_command(args) -> int:
         ids = ids[:args.max_tokens]
     with tqdm(total=-(-len(ids) // args.context_len), desc="windows", unit="win", file=sys.stderr,
               disable=args.json) as bar:
-        result = perplexity(model, ids, args.context_len, progress=lambda done, total: bar.update(1))
-    report = {"model": args.model, "dtype": args.dtype, "text": args.text_file or "pydoc_data.topics",
-              **vars(result)}
+        result = perplexity(model, ids, args.context_len, engine_config, progress=lambda done, total: bar.update(1))
+    kv_dtype = resolve_kv_cache_dtype(engine_config, model)
+    dtype = str(model.dtype).replace("torch.", "")
+    scheme = model.quantization.describe() if model.quantization else None
+    report = {"model": args.model, "dtype": dtype, "quantization": scheme, "kv_cache_dtype": kv_dtype,
+              "text": args.text_file or "pydoc_data.topics", **vars(result)}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens ({result.windows} windows of "
-              f"{result.context_len}, {report['text']}, {args.dtype}) in {result.seconds:.1f} s")
+              f"{result.context_len}, {report['text']}, {dtype}{', ' + scheme if scheme else ''}, kv {kv_dtype}) "
+              f"in {result.seconds:.1f} s")
     return 0

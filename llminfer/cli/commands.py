@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llminfer.cli.main import model_options
 from llminfer.engine import LLM, SamplingParams
 
 
 def _load(args: argparse.Namespace) -> LLM:
     print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               kv_cache_memory=args.kv_cache_memory)
+    return LLM(args.model, **model_options(args))
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -113,4 +113,16 @@ def convert(args: argparse.Namespace) -> int:
     destination = convert_checkpoint(args.source, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                                      overwrite=args.overwrite)
     print(f"converted {args.source} -> {destination} ({args.dtype})")
+    return 0
+
+
+def quantize(args: argparse.Namespace) -> int:
+    from llminfer.quantization.ptq import quantize_checkpoint
+
+    destination = quantize_checkpoint(args.source, args.output, args.scheme, group_size=args.group_size,
+                                      algorithm=args.algorithm, calibration_file=args.calibration,
+                                      kv_cache_dtype=args.kv_cache_dtype, compute_dtype=args.dtype,
+                                      calibration_tokens=args.calibration_tokens,
+                                      smoothquant_alpha=args.smoothquant_alpha, overwrite=args.overwrite)
+    print(f"quantized {args.source} -> {destination} ({args.scheme}, {args.algorithm})")
     return 0

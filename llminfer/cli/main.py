@@ -63,6 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     convert.set_defaults(handler=_lazy("llminfer.cli.commands", "convert"))
 
+    quantize = commands.add_parser("quantize", help="post-training quantization of a float checkpoint")
+    quantize.add_argument("source", help="HF model folder, .gguf file, converted folder, hub id or alias")
+    quantize.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")
+    quantize.add_argument("--scheme", required=True, choices=["a16w8", "a16w4", "a8w8"])
+    quantize.add_argument("--group-size", type=int, choices=[32, 64, 128], help="a16w4: inputs per scale group")
+    quantize.add_argument("--algorithm", default="rtn", choices=["rtn", "gptq", "smoothquant"],
+                          help="rtn: round-to-nearest; gptq: error-compensating (a16w4, calibrated); "
+                               "smoothquant: activation-outlier migration (a8w8, calibrated)")
+    quantize.add_argument("--calibration", help="UTF-8 text file for calibration (default: Python's stdlib "
+                                                "docstrings, never the perplexity text)")
+    quantize.add_argument("--calibration-tokens", type=_positive, default=16384)
+    quantize.add_argument("--smoothquant-alpha", type=float, default=0.5)
+    quantize.add_argument("--kv-cache-dtype", choices=["int8"], help="record an int8 KV cache as the default")
+    quantize.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                          help="compute dtype of the quantized model")
+    quantize.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    quantize.set_defaults(handler=_lazy("llminfer.cli.commands", "quantize"))
+
     ppl = commands.add_parser("perplexity", help="perplexity over a text (default: Python's pydoc topics)")
     _model_arguments(ppl)
     ppl.add_argument("--text-file", help="UTF-8 text to score (default: pydoc_data.topics, shipped with Python)")
@@ -97,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--batch-size", type=_positive, default=1)
     latency.add_argument("--iters", type=_positive, default=3, help="timed repetitions (median reported)")
     latency.add_argument("--compare", choices=["hf"], help="also run Hugging Face transformers on the same weights")
+    latency.add_argument("--compare-with", nargs="+", default=[], metavar="MODEL",
+                         help="also measure these models (e.g. quantized folders) with the same prompts; ratios are "
+                              "to --model")
     latency.add_argument("--json", action="store_true", help="print JSON instead of a table")
     latency.set_defaults(handler=_lazy("llminfer.bench", "latency_command"))
     throughput = bench_kinds.add_parser("throughput", help="requests/s and tokens/s of a many-request workload")
@@ -130,11 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
                         help=f"alias, HF folder, .gguf file, converted folder or hub id (default: {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype (auto: float32, or bfloat16 for quantized models)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--max-model-len", type=_positive, help="cap on prompt + generated tokens")
     parser.add_argument("--kv-cache-memory", help="KV cache budget: a size (2GiB, 512MB) or a fraction of free "
                                                   "memory (0.3); default: a tenth of free RAM up to 2GiB on CPU")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                        help="int8: keys and values stored as int8 with per-token, per-head scales (auto: the "
+                             "model's dtype, or what a quantized checkpoint recorded)")
+    parser.add_argument("--quantization", choices=["a16w8", "a16w4", "a8w8"],
+                        help="quantize a float checkpoint at load (round-to-nearest; a16w4 uses groups of 32); "
+                             "for GPTQ, SmoothQuant or other group sizes use `llminfer quantize`")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The LLM(...) keyword arguments that _model_arguments defines."""
+    return {"dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
+            "kv_cache_memory": args.kv_cache_memory, "kv_cache_dtype": args.kv_cache_dtype,
+            "quantization": args.quantization}
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:

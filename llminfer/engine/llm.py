@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
 from llminfer.config import EngineConfig
@@ -13,7 +14,7 @@ from llminfer.errors import InvalidSamplingParamsError, TokenizerError
 from llminfer.kv_cache import KVCacheStats
 from llminfer.loading import open_checkpoint
 from llminfer.loading.default_models import DEFAULT_MODEL
-from llminfer.model.auto import build_model
+from llminfer.model.auto import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -24,22 +25,26 @@ Messages = list[dict[str, Any]]
 class LLM:
     """LLM("smollm2-135m").generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))"""
 
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "cpu",
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  kv_cache_memory: int | float | str | None = None, block_size: int = 16,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
+                 quantization: str | None = None) -> None:
+        """dtype 'auto': float32, or bfloat16 for a quantized model. kv_cache_dtype 'int8' stores keys and values
+        as int8. quantization (a16w8 | a16w4 | a8w8) quantizes a float checkpoint at load time."""
         self.config = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
-                                   block_size=block_size, enable_prefix_caching=enable_prefix_caching)
+                                   block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+                                   kv_cache_dtype=kv_cache_dtype, quantization=quantization)
         checkpoint = open_checkpoint(model)
         self.model_name = model
         self.checkpoint_format = checkpoint.format
         self.model_config = checkpoint.config
-        self.model = build_model(self.model_config, self.config.torch_dtype, device)
-        self.model.load_weights(checkpoint.named_tensors(), source=checkpoint.name)
-        self.tokenizer = checkpoint.tokenizer()
-        # Prefix-cache hashes are keyed by what produced the KV: the checkpoint and the dtype.
-        self.engine = LLMEngine(self.model, self.tokenizer, self.config, model_identity=f"{checkpoint.name}|{dtype}")
+        self.model = load_model(checkpoint, dtype, device, quantization)
+        self.config = replace(self.config, dtype=str(self.model.dtype).replace("torch.", ""))
+        self.tokenizer = self.model.tokenizer
+        identity = f"{checkpoint.name}|{self.config.dtype}|{self.model.quantization and self.model.quantization.scheme}"
+        self.engine = LLMEngine(self.model, self.tokenizer, self.config, model_identity=identity)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

@@ -37,10 +37,12 @@ class LLMEngine:
             stop_ids |= tokenizer.stop_token_ids
         self.eos_token_ids = frozenset(stop_ids)
         cfg = model.config
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config, model)
         num_blocks = self._num_kv_blocks()
         self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads,
-                                  cfg.head_dim, model.dtype, model.device)
-        self.kv = KVCacheManager(num_blocks, config.block_size, model_identity or repr(cfg),
+                                  cfg.head_dim, model.dtype, model.device, self.kv_cache_dtype)
+        # Prefix-cache hashes are keyed by what produced the KV: the model and how the KV is stored.
+        self.kv = KVCacheManager(num_blocks, config.block_size, f"{model_identity or repr(cfg)}|{self.kv_cache_dtype}",
                                  config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, PagedAttentionBackend(self.cache, reference=reference_attention))
@@ -49,16 +51,15 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         cfg, config = self.model.config, self.config
-        per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads,
-                                                 cfg.head_dim, self.model.dtype)
+        per_block = kv_block_bytes(config, self.model)
         budget = config.kv_cache_bytes()
         # More than max_num_seqs full contexts could never be used.
         useful = config.max_num_seqs * -(-self.max_model_len // config.block_size)
         blocks = min(budget // per_block, useful)
         if blocks < 1:
             raise ConfigError(f"kv_cache_memory of {budget} bytes holds no KV block ({per_block} bytes each)")
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", blocks, config.block_size,
-                    blocks * per_block / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", blocks, config.block_size,
+                    blocks * per_block / 2**20, resolve_kv_cache_dtype(config, self.model))
         return blocks
 
     # --- requests -----------------------------------------------------------------------------
@@ -190,8 +191,18 @@ class LLMEngine:
 
 def exact_kv_budget(config: EngineConfig, model: CausalLM, total_tokens: int, num_seqs: int) -> EngineConfig:
     """A config whose KV pool holds exactly num_seqs sequences of total_tokens (for one-off generate calls)."""
-    cfg = model.config
     blocks = num_seqs * -(-total_tokens // config.block_size)
-    per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads,
-                                             cfg.head_dim, model.dtype)
-    return replace(config, kv_cache_memory=blocks * per_block, max_num_seqs=max(num_seqs, 1))
+    return replace(config, kv_cache_memory=blocks * kv_block_bytes(config, model), max_num_seqs=max(num_seqs, 1))
+
+
+def resolve_kv_cache_dtype(config: EngineConfig, model: CausalLM) -> str:
+    """'auto' follows a quantized checkpoint's recorded choice, else stores the model's dtype."""
+    if config.kv_cache_dtype == "auto" and model.quantization is not None:
+        return model.quantization.kv_cache_dtype
+    return config.kv_cache_dtype
+
+
+def kv_block_bytes(config: EngineConfig, model: CausalLM) -> int:
+    cfg = model.config
+    return PagedKVCache.bytes_per_block(cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads,
+                                        cfg.head_dim, model.dtype, resolve_kv_cache_dtype(config, model))

@@ -16,18 +16,72 @@ import torch.nn.functional as F
 from llminfer.layers.attention import Attention, AttentionBackend, AttentionMetadata, visibility_mask
 
 
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
+
+
+class Int8Blocks:
+    """One layer's keys (or values) as int8 with one float32 scale per (block, head, position): each token's
+    head vector is quantized symmetrically when written, and the blocks attention reads are dequantized to the
+    compute dtype. Indexing it like the float pool tensor returns dequantized blocks."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> None:
+        self.data = torch.zeros(shape, dtype=torch.int8, device=device)  # [num_blocks, Hkv, block_size, D]
+        self.scales = torch.zeros((*shape[:-1], 1), dtype=torch.float32, device=device)
+        self.dtype = dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return (self.data[index].float() * self.scales[index]).to(self.dtype)
+
+    @staticmethod
+    def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., D] -> (int8 [..., D], scale [..., 1]): absmax per head vector."""
+        values = values.float()
+        scale = (values.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-8)
+        return torch.round(values / scale).clamp(-127, 127).to(torch.int8), scale
+
+    def round_trip(self, values: torch.Tensor) -> torch.Tensor:
+        """What reading `values` back from this cache gives: attention over fresh keys/values must see the same
+        numbers as attention over cached ones."""
+        q, scale = self.quantize(values)
+        return (q.float() * scale).to(values.dtype)
+
+    def write(self, blocks: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor) -> None:
+        q, scale = self.quantize(values)
+        self.data[blocks, :, offsets] = q
+        self.scales[blocks, :, offsets] = scale
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.data[dst] = self.data[src]
+        self.scales[dst] = self.scales[src]
+
+
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: str | torch.device) -> None:
-        # Zeroed, not empty: masked-out positions still pass through the value matmul (0 * NaN = NaN).
+                 dtype: torch.dtype, device: str | torch.device, kv_cache_dtype: str = "auto") -> None:
         shape = (num_blocks, num_kv_heads, block_size, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.quantized = kv_cache_dtype == "int8"
+        if self.quantized:
+            self.keys = [Int8Blocks(shape, dtype, device) for _ in range(num_layers)]
+            self.values = [Int8Blocks(shape, dtype, device) for _ in range(num_layers)]
+        else:
+            # Zeroed, not empty: masked-out positions still pass through the value matmul (0 * NaN = NaN).
+            self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        kv_cache_dtype: str = "auto") -> int:
+        per_vector = head_dim + 4 if kv_cache_dtype == "int8" else head_dim * torch.finfo(dtype).bits // 8
+        return 2 * num_layers * block_size * num_kv_heads * per_vector
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write of shared partial blocks, before the step writes into the copies."""
@@ -37,17 +91,24 @@ class PagedKVCache:
         src = torch.tensor([s for s, _ in copies], device=device)
         dst = torch.tensor([d for _, d in copies], device=device)
         for cache in (*self.keys, *self.values):
-            cache[dst] = cache[src]
+            if isinstance(cache, Int8Blocks):
+                cache.copy(dst, src)
+            else:
+                cache[dst] = cache[src]
 
 
-def write_slots(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
+def write_slots(cache: torch.Tensor | Int8Blocks, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
     """Store values [T, Hkv, D] at flat slots block_id * block_size + offset."""
     block_size = cache.shape[2]
-    cache[slot_mapping // block_size, :, slot_mapping % block_size] = values
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    if isinstance(cache, Int8Blocks):
+        cache.write(blocks, offsets, values)
+    else:
+        cache[blocks, :, offsets] = values
 
 
-def gather_history(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached positions of one sequence: [Hkv, length, D] (a copy)."""
+def gather_history(cache: torch.Tensor | Int8Blocks, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached positions of one sequence: [Hkv, length, D] (a copy, dequantized)."""
     blocks = -(-length // cache.shape[2])
     return cache[block_table[:blocks]].transpose(0, 1).flatten(1, 2)[:, :length]
 
@@ -173,6 +234,8 @@ class PagedAttentionBackend(AttentionBackend):
                 rows = slice(starts[i], starts[i + 1])
                 if q_len == metadata.context_lens[i]:  # a whole prompt: its history is exactly this chunk
                     history_k, history_v = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                    if self.cache.quantized:  # see what a later read of the cache would see
+                        history_k, history_v = keys.round_trip(history_k), values.round_trip(history_v)
                 else:
                     history_k = gather_history(keys, metadata.block_tables[i], metadata.context_lens[i])
                     history_v = gather_history(values, metadata.block_tables[i], metadata.context_lens[i])

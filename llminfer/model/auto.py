@@ -10,6 +10,7 @@ import torch
 
 from llminfer.config import DTYPES, ModelConfig, load_model_config_file
 from llminfer.errors import ConfigError
+from llminfer.loading.checkpoint import Checkpoint
 from llminfer.model.base import CausalLM
 from llminfer.model.llama import LlamaForCausalLM
 from llminfer.quantization.config import QuantizationConfig
@@ -66,29 +67,44 @@ class AutoModel:
         return model
 
     @staticmethod
-    def from_pretrained(model: str | Path, dtype: str = "auto", device: str = "cpu") -> CausalLM:
-        """Load an HF folder, a GGUF file, a converted folder, a quantized folder, a hub id or an alias like
-        'smollm2-135m'. dtype 'auto' is float32, or a quantized checkpoint's compute dtype."""
+    def from_pretrained(model: str | Path, dtype: str = "auto", device: str = "cpu",
+                        quantization: str | None = None) -> CausalLM:
+        """Load an HF folder, a GGUF file, a converted or quantized folder, a hub id or an alias like
+        'smollm2-135m'. dtype 'auto' is float32, or bfloat16 for quantized models. `quantization` (a scheme)
+        quantizes a float checkpoint at load by round-to-nearest, or must match a quantized checkpoint's."""
         from llminfer.loading import open_checkpoint
 
-        source = open_checkpoint(str(model))
-        quantization = source.quantization_config()
-        dtype = resolve_dtype(dtype, quantization)
-        network = build_model(source.model_config(), _dtype(dtype), device, _with_compute_dtype(quantization, dtype))
-        network.load_weights(source.named_tensors(), source=source.name)
-        network.tokenizer = source.tokenizer()
-        return network
+        return load_model(open_checkpoint(str(model)), dtype, device, quantization)
 
 
-def resolve_dtype(dtype: str, quantization: QuantizationConfig | None) -> str:
-    """'auto': a quantized checkpoint's compute dtype, else float32."""
+def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
+               quantization: str | None = None) -> CausalLM:
+    """A ready network (tokenizer attached) from a checkpoint. Quantized checkpoints are built quantized and
+    their packed weights loaded directly: no float weight of a quantized layer is ever created."""
+    stored = checkpoint.quantization_config()
+    if stored is not None and quantization not in (None, stored.scheme):
+        raise ConfigError(f"{checkpoint.name}: the checkpoint is quantized as {stored.describe()}; "
+                          f"quantization '{quantization}' conflicts with it (omit the flag, or quantize the float "
+                          "checkpoint instead)")
     if dtype == "auto":
-        return quantization.compute_dtype if quantization is not None else "float32"
-    return dtype
+        dtype = stored.compute_dtype if stored else "bfloat16" if quantization else "float32"
+    if stored is not None:
+        network = build_model(checkpoint.config, _dtype(dtype), device, replace(stored, compute_dtype=dtype))
+        network.load_weights(checkpoint.named_tensors(), source=checkpoint.name)
+    else:
+        # Float weights are loaded in float32 when they are about to be quantized: rounding happens once.
+        network = build_model(checkpoint.config, torch.float32 if quantization else _dtype(dtype), device)
+        network.load_weights(checkpoint.named_tensors(), source=checkpoint.name)
+        if quantization:
+            from llminfer.quantization import PTQConfig, RTN
+
+            group_size = ON_THE_FLY_GROUP_SIZE if quantization == "a16w4" else None
+            RTN(PTQConfig.for_scheme(quantization, group_size=group_size, compute_dtype=dtype)).convert(network)
+    network.tokenizer = checkpoint.tokenizer()
+    return network
 
 
-def _with_compute_dtype(quantization: QuantizationConfig | None, dtype: str) -> QuantizationConfig | None:
-    return replace(quantization, compute_dtype=dtype) if quantization is not None else None
+ON_THE_FLY_GROUP_SIZE = 32  # a16w4 quantized at load; other group sizes through `llminfer quantize`
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -90,8 +90,8 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 class Int4WeightOnlyLinear(QuantizedLinear):
     """A16W4: groups of `group_size` inputs share a scale and a zero point; levels packed two per byte.
 
-    The checkpoint holds levels packed plainly ([N, K/2], even column in the low nibble) with float32
-    scales/zeros [N, K/g]. In memory the weight is in the kernel's own packed layout and scales/zeros are
+    The checkpoint holds levels packed plainly ([N, K/2], even column in the low nibble), scales [N, K/g] in
+    the compute dtype and float32 zero points [N, K/g]. In memory the weight is in the kernel's own packed layout and scales/zeros are
     folded into the kernel's [K/g, N, 2] (scale, offset) table: w = (q - 8) * scale + offset.
     """
 
@@ -168,8 +168,10 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return scale, 8 - table[..., 1] / scale
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        # Scales are stored as the kernel holds them (exactly); zero points in float32, so that reloading
+        # rebuilds the kernel's offsets bit for bit.
         scale, zero = self._scales_zeros()
-        return {"qweight": Q.pack_int4(self._levels()), "scales": scale, "zeros": zero}
+        return {"qweight": Q.pack_int4(self._levels()), "scales": scale.to(self.compute_dtype), "zeros": zero}
 
     def dequantized_weight(self) -> torch.Tensor:
         return Q.dequantize_int4_groups(self._levels(), *self._scales_zeros())

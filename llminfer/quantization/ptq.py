@@ -46,8 +46,9 @@ class PostTrainingQuantizer:
         if model.quantization is not None:
             raise ConfigError(f"the model is already quantized ({model.quantization.describe()})")
         if self.needs_calibration:
+            window = min(self.config.calibration_window, model.config.max_position_embeddings - 1)
             self.calibration = calibration_data(calibration, model.tokenizer, self.config.calibration_tokens,
-                                                self.config.calibration_window, calibration_source)
+                                                window, calibration_source)
             self._calibrate(model)
         return model
 
@@ -185,3 +186,61 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp
 
 def quantizer_for(config: PTQConfig) -> PostTrainingQuantizer:
     return GPTQ(config) if config.algorithm == "gptq" else RTN(config)
+
+
+def quantize_checkpoint(source: str, destination: str, scheme: str, group_size: int | None = None,
+                        algorithm: str = "rtn", calibration_file: str | None = None, kv_cache_dtype: str | None = None,
+                        compute_dtype: str = "bfloat16", calibration_tokens: int = 16384,
+                        smoothquant_alpha: float = 0.5, overwrite: bool = False) -> str:
+    """`llminfer quantize`: load a float checkpoint, quantize it, save it. Validates everything before the
+    (slow) load, and writes nothing unless it all succeeds."""
+    from pathlib import Path
+
+    from llminfer.errors import ModelNotFoundError
+    from llminfer.loading import open_checkpoint
+    from llminfer.model.auto import load_model
+    from llminfer.quantization.save import save_quantized
+
+    if scheme == "a16w4" and group_size is None:
+        raise ConfigError("--scheme a16w4 needs --group-size (32, 64 or 128)")
+    config = PTQConfig.for_scheme(scheme, group_size=group_size, algorithm=algorithm, kv_dtype=kv_cache_dtype,
+                                  compute_dtype=compute_dtype, calibration_tokens=calibration_tokens,
+                                  smoothquant_alpha=smoothquant_alpha)
+    quantizer = quantizer_for(config)
+    if calibration_file is not None and not quantizer.needs_calibration:
+        raise ConfigError(f"--calibration is used by gptq and smoothquant, not by {algorithm}")
+    text = None
+    if calibration_file is not None:
+        path = Path(calibration_file)
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path}: calibration file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: calibration file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    destination_path = Path(destination)
+    if destination_path.exists() and any(destination_path.iterdir()) and not overwrite:
+        raise ConfigError(f"{destination_path}: already exists and is not empty (choose another path or pass "
+                          "--overwrite)")
+    checkpoint = open_checkpoint(source)
+    if checkpoint.quantization_config() is not None:
+        raise ConfigError(f"{source}: already quantized ({checkpoint.quantization_config().describe()}); "
+                          "quantize the float checkpoint")
+    for name, width in (("hidden_size", checkpoint.config.hidden_size),
+                        ("intermediate_size", checkpoint.config.intermediate_size)):
+        if group_size is not None and width % group_size:
+            raise ConfigError(f"{source}: group size {group_size} does not divide {name} = {width} "
+                              f"(valid here: {', '.join(str(g) for g in (32, 64, 128) if _divides_all(checkpoint, g))})")
+    logger.info("loading %s", source)
+    print(f"llminfer: loading {source} ...", file=sys.stderr, flush=True)
+    model = load_model(checkpoint, "float32")
+    quantizer.apply(model, calibration=text, calibration_source=calibration_file)
+    quantizer.convert(model)
+    save_quantized(model, destination, overwrite=overwrite, source=source)
+    return destination
+
+
+def _divides_all(checkpoint, group_size: int) -> bool:
+    config = checkpoint.config
+    return not (config.hidden_size % group_size or config.intermediate_size % group_size
+                or (config.num_attention_heads * config.head_dim) % group_size)

@@ -20,32 +20,33 @@ from llminfer.quantization.layers import QuantizedLinear
 
 
 def quantized_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a quantized network under its checkpoint name (tied weights once)."""
+    """Every tensor of a quantized network under its checkpoint name (tied parameters once)."""
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, QuantizedLinear):
-            own = dict(module.checkpoint_tensors())
+            for suffix, tensor in module.checkpoint_tensors().items():
+                yield f"{prefix}{suffix}", tensor.detach().cpu()
             if module.bias is not None:
-                own["bias"] = module.bias
-        else:
-            own = dict(module.named_parameters(recurse=False))
-        for suffix, tensor in own.items():
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            yield f"{prefix}{suffix}", tensor.detach().cpu()
+                yield f"{prefix}bias", module.bias.detach().cpu()
+            continue
+        for suffix, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:  # an LM head tied to the embedding is stored once
+                seen.add(id(param))
+                yield f"{prefix}{suffix}", param.detach().cpu()
 
 
 def weight_memory(model: nn.Module) -> dict[str, int | float]:
-    """Bytes of the quantized linear layers, of the same layers in float32, and of everything else."""
-    quantized = float32 = other = 0
+    """Bytes the quantized linear layers hold in memory (packed weights, scales, zero points; biases aside),
+    the same layers in float32, and everything else (embeddings, norms, unquantized LM head)."""
+    quantized = float32 = 0
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            quantized += sum(t.numel() * t.element_size() for t in module.checkpoint_tensors().values())
+            tensors = [t for name, t in [*module.named_parameters(), *module.named_buffers()] if name != "bias"]
+            quantized += sum(t.numel() * t.element_size() for t in tensors)
             float32 += module.in_features * module.out_features * 4
-    seen = {id(t) for m in model.modules() if isinstance(m, QuantizedLinear) for t in m.parameters()}
-    other = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)
+    inside = {id(t) for m in model.modules() if isinstance(m, QuantizedLinear) for t in m.parameters()}
+    other = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
     return {"quantized_linear_bytes": quantized, "same_linears_float32_bytes": float32,
             "ratio_to_float32": round(quantized / float32, 4) if float32 else 0.0, "other_bytes": other}
 

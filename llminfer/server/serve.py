@@ -67,13 +67,14 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace, state: ServerState, server: DrainingServer) -> None:
+    from llminfer.cli.main import model_options
     from llminfer.engine import LLM
 
     logger.info("loading %s (%s, %s); /health answers 503 until it is ready", args.model, args.dtype, args.device)
     try:
-        llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching)
+        llm = LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  enable_prefix_caching=not args.no_prefix_caching)
     except Exception as exc:  # noqa: BLE001 - reported as the process's one-line error
         logger.debug("model load failed", exc_info=True)
         state.load_error = f"{type(exc).__name__}: {exc}" if args.debug else str(exc)
