@@ -141,10 +141,12 @@ def latency_command(args: argparse.Namespace) -> int:
     log = _log
     log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
     llm = LLM(args.model, **model_options(args), max_num_seqs=args.batch_size)
+    dtype = llm.config.dtype  # "auto" resolved
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, llm.model_config.vocab_size - 100, (args.batch_size, args.input_len),
                             generator=generator).tolist()
-    results = [measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=_label(llm, args.model))]
+    first_label = _label(llm, args.model) if args.compare_with else "llminfer"
+    results = [measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=first_label)]
     for other in args.compare_with:  # e.g. quantized folders of the same model, measured in this run
         del llm
         log(f"loading {other}")
@@ -153,10 +155,10 @@ def latency_command(args: argparse.Namespace) -> int:
         results.append(measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=_label(llm, other)))
     if args.compare == "hf":
         del llm
-        results.append(measure_transformers(args.model, args.dtype, args.device, prompts, args.output_len,
+        results.append(measure_transformers(args.model, dtype, args.device, prompts, args.output_len,
                                             args.iters, log))
     report = {
-        "model": args.model, "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
+        "model": args.model, "dtype": dtype, "device": args.device, "threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "results": [asdict(r) for r in results],
     }
@@ -175,7 +177,7 @@ def latency_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"model {args.model}  dtype {args.dtype}  device {args.device}  threads {report['threads']}  "
+    print(f"model {args.model}  dtype {dtype}  device {args.device}  threads {report['threads']}  "
           f"batch {args.batch_size}  input {args.input_len}  output {args.output_len}")
     _print_table(results, [("prefill tok/s", "prefill_tokens_per_s", ".1f"), ("decode tok/s", "decode_tokens_per_s", ".1f"),
                            ("TTFT ms", "ttft_ms", ".1f")])
@@ -212,6 +214,7 @@ def throughput_command(args: argparse.Namespace) -> int:
     log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
     llm = LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching)
+    dtype = llm.config.dtype  # "auto" resolved
     prompts = synthetic_prompts(args.num_prompts, args.input_len, args.prefix_len, llm.model_config.vocab_size)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     engine = llm.engine
@@ -239,7 +242,7 @@ def throughput_command(args: argparse.Namespace) -> int:
                                 (prompt_tokens + output_tokens) / elapsed)]
     contiguous_slots = min(args.num_prompts, args.max_num_seqs) * llm.engine.max_model_len
     report = {
-        "model": args.model, "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
+        "model": args.model, "dtype": dtype, "device": args.device, "threads": torch.get_num_threads(),
         "num_prompts": args.num_prompts, "input_len": args.input_len, "prefix_len": args.prefix_len,
         "output_len": args.output_len, "prefix_caching": not args.no_prefix_caching,
         "kv_block_size": stats.block_size, "kv_blocks_total": stats.total_blocks,
@@ -252,7 +255,7 @@ def throughput_command(args: argparse.Namespace) -> int:
     }
     if args.compare == "hf":
         del llm, engine
-        results.append(measure_transformers_throughput(args.model, args.dtype, args.device, prompts,
+        results.append(measure_transformers_throughput(args.model, dtype, args.device, prompts,
                                                        args.output_len, args.hf_batch_size, log))
         report["ratio_vs_transformers"] = {"output_tokens_per_s": results[0].output_tokens_per_s
                                            / results[1].output_tokens_per_s}
@@ -260,7 +263,7 @@ def throughput_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"model {args.model}  dtype {args.dtype}  threads {report['threads']}  prompts {args.num_prompts}  "
+    print(f"model {args.model}  dtype {dtype}  threads {report['threads']}  prompts {args.num_prompts}  "
           f"input {args.input_len} (+{args.prefix_len} shared)  output {args.output_len}")
     _print_table(results, [("seconds", "seconds", ".1f"), ("req/s", "requests_per_s", ".2f"),
                            ("out tok/s", "output_tokens_per_s", ".1f"), ("total tok/s", "total_tokens_per_s", ".1f")])

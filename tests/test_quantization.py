@@ -388,3 +388,34 @@ def test_quantize_command_bad_input(tiny_llama_folder, tiny_chat_folder, tmp_pat
                           "quantized as a16w8")
     assert_one_line_error(run_cli("quantize", str(q8), "-o", str(tmp_path / "y"), "--scheme", "a16w8"),
                           "already quantized")
+    assert_one_line_error(run_cli("convert", str(q8), "-o", str(tmp_path / "y")), "is a quantized checkpoint")
+    info = run_cli("info", str(q8))
+    assert "quantization       a16w8 (rtn), compute bfloat16" in info.stdout
+    assert "stored dtype       bfloat16" in info.stdout
+
+
+def test_a16w8_greedy_on_smollm2_matches_float32_for_the_first_tokens(smollm2_llm):
+    """The real model, quantized at load exactly as `llminfer quantize --scheme a16w8` does, in bfloat16."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are",
+               "Once upon a time"]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    expected = [o.outputs[0].token_ids for o in smollm2_llm.generate(prompts, params)]
+    quantized = LLM("smollm2-135m", quantization="a16w8", kv_cache_memory="64MiB")
+    assert quantized.model.quantization.scheme == "a16w8" and quantized.config.dtype == "bfloat16"
+    got = [o.outputs[0].token_ids for o in quantized.generate(prompts, params)]
+    assert [g[:3] for g in got] == [e[:3] for e in expected]
+    assert sum(g == e for g, e in zip(got, expected)) >= 4  # measured: 4 of 5 identical for all 12 tokens
+
+
+def test_bench_latency_compares_quantized_folders_in_one_run(quant_folder, tmp_path):
+    save_quantized(convert(quant_folder, "a16w8", None), tmp_path / "q8")
+    save_quantized(convert(quant_folder, "a16w4", 32), tmp_path / "q4")
+    result = run_cli("bench", "latency", "--model", str(quant_folder), "--compare-with", str(tmp_path / "q8"),
+                     str(tmp_path / "q4"), "--input-len", "16", "--output-len", "4", "--iters", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    engines = [r["engine"] for r in report["results"]]
+    assert engines == [f"{quant_folder} [float32]", f"{tmp_path / 'q8'} [bfloat16, a16w8 (rtn)]",
+                       f"{tmp_path / 'q4'} [bfloat16, a16w4 (rtn, group 32)]"]
+    assert set(report["ratio_vs_first"]) == set(engines[1:])
+    assert all(r["decode_tokens_per_s"] > 0 for r in report["results"])

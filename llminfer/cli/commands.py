@@ -89,6 +89,7 @@ def info(args: argparse.Namespace) -> int:
         ("tied embeddings", config.tie_word_embeddings),
         ("sliding window", config.sliding_window or "none"),
         ("stored dtype", _stored_dtype(checkpoint)),
+        ("quantization", _quantization_summary(checkpoint)),
         ("tokenizer", "none" if tokenizer is None else f"{tokenizer.vocab_size} tokens, chat template: "
                                                         f"{'yes' if tokenizer.chat_template else 'no'}"),
     ]
@@ -96,6 +97,14 @@ def info(args: argparse.Namespace) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _quantization_summary(checkpoint) -> str:
+    quantization = checkpoint.quantization_config()
+    if quantization is None:
+        return "none"
+    kv = ", kv cache int8" if quantization.kv_cache_dtype == "int8" else ""
+    return f"{quantization.describe()}, compute {quantization.compute_dtype}{kv}"
 
 
 def _stored_dtype(checkpoint) -> str:

@@ -40,6 +40,9 @@ def convert_checkpoint(source: str, destination: str | Path, dtype: str = "bfloa
         raise ConfigError(f"--dtype '{dtype}' is not supported (expected one of {', '.join(DTYPES)})")
     destination = Path(destination)
     checkpoint = open_checkpoint(source)
+    if checkpoint.quantization_config() is not None:
+        raise ConfigError(f"{source}: is a quantized checkpoint ({checkpoint.quantization_config().describe()}); "
+                          "convert reads float checkpoints")
     config = replace(checkpoint.config, torch_dtype=dtype)
     tokenizer = checkpoint.tokenizer()
     with staged_folder(destination, overwrite) as staging:

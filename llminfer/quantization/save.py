@@ -7,6 +7,7 @@ tensors are quantized (name, dtype, shape), what stays in the compute dtype, and
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -61,7 +62,8 @@ def save_quantized(model: nn.Module, path: str | Path, overwrite: bool = False,
     destination = Path(path)
     with staged_folder(destination, overwrite) as staging:
         weight_map = write_shards(quantized_tensors(model), staging, max_shard_bytes, "model")
-        write_model_files(staging, model.config, getattr(model, "tokenizer", None))
+        config = replace(model.config, torch_dtype=qconfig.compute_dtype)
+        write_model_files(staging, config, getattr(model, "tokenizer", None))
         manifest = {
             "quantization": qconfig.to_dict(),
             "quantized_tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
