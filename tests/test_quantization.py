@@ -321,7 +321,7 @@ def test_int8_kv_decode_attention_matches_float_attention():
     torch.testing.assert_close(approx, exact, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("weights", [None, "a16w8"])
+@pytest.mark.parametrize("weights", [None, "a16w8", "a16w4", "a8w8"])
 def test_int8_kv_cache_generates_like_float_and_shares_prefixes(tiny_llama_folder, weights):
     prompts = [list(range(3, 40)), list(range(3, 40)) + [7, 8], list(range(3, 20))]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
