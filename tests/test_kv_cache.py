@@ -95,6 +95,10 @@ def test_paged_decode_attention_equals_float64_oracle(num_heads, num_kv_heads, w
     for op in (paged_decode_attention, paged_decode_attention_reference):
         got = op(q, key_cache, value_cache, batch, 0.3, window)
         torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5, msg=op.__name__)
+    for b in range(len(context_lens)):  # a batch of one takes its own path
+        alone = DecodeBatch.build(block_tables[b:b + 1], context_lens[b:b + 1], block_size)
+        got = paged_decode_attention(q[b:b + 1], key_cache, value_cache, alone, 0.3, window)
+        torch.testing.assert_close(got.double(), expected[b:b + 1], atol=1e-5, rtol=1e-5)
 
 
 class _Req:
