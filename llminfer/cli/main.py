@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -18,8 +19,13 @@ logger = logging.getLogger("llminfer")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="llminfer: %(message)s")
+    if getattr(args, "tensor_parallel_size", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        from llminfer.parallel.launch import launch
+
+        return launch(argv, args.tensor_parallel_size)
     try:
         return args.handler(args) or 0
     except KeyboardInterrupt:
@@ -163,13 +169,17 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=["a16w8", "a16w4", "a8w8"],
                         help="quantize a float checkpoint at load (round-to-nearest; a16w4 uses groups of 32); "
                              "for GPTQ, SmoothQuant or other group sizes use `llminfer quantize`")
+    parser.add_argument("--tensor-parallel-size", "--tp", type=_positive, default=1,
+                        help="run as N processes that each hold 1/N of the weights and KV cache (started here; "
+                             "or start them with torchrun --nproc-per-node N -m llminfer ...)")
 
 
 def model_options(args: argparse.Namespace) -> dict:
     """The LLM(...) keyword arguments that _model_arguments defines."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun the flag may be left out
     return {"dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
             "kv_cache_memory": args.kv_cache_memory, "kv_cache_dtype": args.kv_cache_dtype,
-            "quantization": args.quantization}
+            "quantization": args.quantization, "tensor_parallel_size": max(args.tensor_parallel_size, world)}
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:

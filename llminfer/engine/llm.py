@@ -15,6 +15,7 @@ from llminfer.kv_cache import KVCacheStats
 from llminfer.loading import open_checkpoint
 from llminfer.loading.default_models import DEFAULT_MODEL
 from llminfer.model.auto import load_model
+from llminfer.parallel.sharding import ShardPlan
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,11 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  kv_cache_memory: int | float | str | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, tensor_parallel_size: int = 1) -> None:
         """dtype 'auto': float32, or bfloat16 for a quantized model. kv_cache_dtype 'int8' stores keys and values
-        as int8. quantization (a16w8 | a16w4 | a8w8) quantizes a float checkpoint at load time."""
+        as int8. quantization (a16w8 | a16w4 | a8w8) quantizes a float checkpoint at load time.
+        tensor_parallel_size N: this process is one of N ranks started by `llminfer ... --tensor-parallel-size N`
+        or torchrun; ranks other than 0 serve rank 0's steps inside this constructor and then exit."""
         self.config = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
@@ -40,11 +43,20 @@ class LLM:
         self.model_name = model
         self.checkpoint_format = checkpoint.format
         self.model_config = checkpoint.config
-        self.model = load_model(checkpoint, dtype, device, quantization)
+        rank, world = _parallel_rank(tensor_parallel_size, device)
+        plan = ShardPlan(checkpoint.config, rank, world) if world > 1 else None
+        self.model = load_model(checkpoint, dtype, device, quantization, plan)
         self.config = replace(self.config, dtype=str(self.model.dtype).replace("torch.", ""))
         self.tokenizer = self.model.tokenizer
+        if rank > 0:
+            _serve_rank(self.model, self.config)
         identity = f"{checkpoint.name}|{self.config.dtype}|{self.model.quantization and self.model.quantization.scheme}"
         self.engine = LLMEngine(self.model, self.tokenizer, self.config, model_identity=identity)
+        if world > 1:
+            from llminfer.parallel.runtime import BroadcastingRunner, share_cache_shape
+
+            share_cache_shape(self.engine.cache.num_blocks)
+            self.engine.runner = BroadcastingRunner(self.model, self.engine.cache, self.engine.runner.backend)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -95,3 +107,33 @@ class LLM:
     def kv_cache_stats(self) -> KVCacheStats:
         """Blocks total / free / in use (and the peak), prefix-cache hit and queried tokens."""
         return self.engine.kv_cache_stats()
+
+
+def _parallel_rank(tensor_parallel_size: int, device: str) -> tuple[int, int]:
+    from llminfer.errors import ConfigError
+    from llminfer.parallel.runtime import distributed_env, init_distributed
+
+    _, world = distributed_env()
+    if tensor_parallel_size > 1 and world != tensor_parallel_size:
+        raise ConfigError(f"tensor_parallel_size={tensor_parallel_size} needs {tensor_parallel_size} processes: start "
+                          f"them with `llminfer ... --tensor-parallel-size {tensor_parallel_size}` or `torchrun "
+                          f"--nproc-per-node {tensor_parallel_size} -m llminfer ...` (found WORLD_SIZE={world})")
+    return init_distributed(device) if world > 1 else (0, 1)
+
+
+def _serve_rank(model, config: EngineConfig) -> None:
+    """Ranks other than 0: allocate the same number of KV blocks as rank 0, follow its steps, then exit."""
+    import torch.distributed as dist
+
+    from llminfer.engine.llm_engine import resolve_kv_cache_dtype
+    from llminfer.engine.model_runner import ModelRunner
+    from llminfer.kv_cache import PagedAttentionBackend, PagedKVCache
+    from llminfer.parallel.runtime import follow, share_cache_shape
+
+    cfg = model.config
+    num_blocks = share_cache_shape(None)
+    cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads, cfg.head_dim,
+                         model.dtype, model.device, resolve_kv_cache_dtype(config, model))
+    follow(ModelRunner(model, cache, PagedAttentionBackend(cache)))
+    dist.destroy_process_group()
+    raise SystemExit(0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from llminfer.engine.sampler import Sampler, SamplerOutput, SamplingInput
@@ -11,17 +13,36 @@ from llminfer.layers.attention import AttentionBackend, AttentionMetadata, Forwa
 from llminfer.model.base import CausalLM
 
 
+@dataclass
+class StepInputs:
+    """One forward pass, as plain data: what the runner needs to run the model (and what tensor-parallel
+    rank 0 sends to the other ranks each step)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_start_loc: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]  # padded to the widest
+    block_copies: list[tuple[int, int]]
+    all_positions: bool  # logits at every new token (scoring) instead of each sequence's last
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedKVCache, backend: AttentionBackend) -> None:
         self.model, self.cache, self.backend = model, cache, backend
         self.device = model.device
         self.sampler = Sampler()
 
-    @torch.inference_mode()
     def compute_logits(self, batch: ScheduledBatch, all_positions: bool = False) -> torch.Tensor:
         """Logits [B, V] at the last new token of each request (or [T, V] at every new token, for scoring);
         their keys/values land in the cache."""
-        self.cache.copy_blocks(batch.block_copies)
+        logits = self.execute(self.prepare(batch, all_positions))
+        for request, n_new in zip(batch.requests, batch.num_new_tokens):
+            request.num_computed_tokens += n_new
+        return logits
+
+    def prepare(self, batch: ScheduledBatch, all_positions: bool = False) -> StepInputs:
         block_size = self.cache.block_size
         input_ids, positions, slots, starts, context_lens = [], [], [], [0], []
         for request, n_new, table in zip(batch.requests, batch.num_new_tokens, batch.block_tables):
@@ -32,15 +53,21 @@ class ModelRunner:
             starts.append(starts[-1] + n_new)
             context_lens.append(first + n_new)
         widest = max(len(t) for t in batch.block_tables)
-        tables = torch.tensor([t + [0] * (widest - len(t)) for t in batch.block_tables], device=self.device)
-        metadata = AttentionMetadata(starts, context_lens, torch.tensor(slots, device=self.device), tables)
-        hidden = self.model(torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device),
+        tables = [t + [0] * (widest - len(t)) for t in batch.block_tables]
+        return StepInputs(input_ids, positions, slots, starts, context_lens, tables, list(batch.block_copies),
+                          all_positions)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        self.cache.copy_blocks(step.block_copies)
+        device = self.device
+        metadata = AttentionMetadata(step.query_start_loc, step.context_lens, torch.tensor(step.slots, device=device),
+                                     torch.tensor(step.block_tables, device=device))
+        hidden = self.model(torch.tensor(step.input_ids, device=device), torch.tensor(step.positions, device=device),
                             ForwardContext(self.backend, metadata))
-        for request, n_new in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += n_new
-        if all_positions:
+        if step.all_positions:
             return self.model.compute_logits(hidden)
-        last_rows = torch.tensor([s - 1 for s in starts[1:]], device=self.device)
+        last_rows = torch.tensor([s - 1 for s in step.query_start_loc[1:]], device=device)
         return self.model.compute_logits(hidden[last_rows])
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingInput]) -> SamplerOutput:

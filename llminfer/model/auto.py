@@ -13,6 +13,7 @@ from llminfer.errors import ConfigError
 from llminfer.loading.checkpoint import Checkpoint
 from llminfer.model.base import CausalLM
 from llminfer.model.llama import LlamaForCausalLM
+from llminfer.parallel.sharding import ShardPlan
 from llminfer.quantization.config import QuantizationConfig
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,15 @@ class AutoModel:
 
 
 def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
-               quantization: str | None = None) -> CausalLM:
+               quantization: str | None = None, shard_plan: ShardPlan | None = None) -> CausalLM:
     """A ready network (tokenizer attached) from a checkpoint. Quantized checkpoints are built quantized and
-    their packed weights loaded directly: no float weight of a quantized layer is ever created."""
+    their packed weights loaded directly: no float weight of a quantized layer is ever created. With a shard
+    plan, this rank's share of the network, reading only its slice of each tensor."""
     stored = checkpoint.quantization_config()
+    if shard_plan is not None:
+        if stored is not None or quantization:
+            raise ConfigError(f"{checkpoint.name}: tensor parallelism does not support quantized models yet")
+        return _load_shard(checkpoint, _dtype("float32" if dtype == "auto" else dtype), device, shard_plan)
     if stored is not None and quantization not in (None, stored.scheme):
         raise ConfigError(f"{checkpoint.name}: the checkpoint is quantized as {stored.describe()}; "
                           f"quantization '{quantization}' conflicts with it (omit the flag, or quantize the float "
@@ -100,6 +106,19 @@ def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
 
             group_size = ON_THE_FLY_GROUP_SIZE if quantization == "a16w4" else None
             RTN(PTQConfig.for_scheme(quantization, group_size=group_size, compute_dtype=dtype)).convert(network)
+    network.tokenizer = checkpoint.tokenizer()
+    return network
+
+
+def _load_shard(checkpoint: Checkpoint, dtype: torch.dtype, device: str, plan: ShardPlan) -> CausalLM:
+    from llminfer.parallel.layers import parallelize
+
+    vocab_slice = plan.config.vocab_size // plan.world_size
+    network = build_model(replace(plan.rank_config, vocab_size=vocab_slice), dtype, device)
+    parallelize(network, plan)
+    network.config = plan.rank_config  # the engine sees the whole vocabulary and this rank's KV heads
+    network.load_weights(((name, plan.shard(name, tensor)) for name, tensor in checkpoint.named_tensors()),
+                         source=checkpoint.name)
     network.tokenizer = checkpoint.tokenizer()
     return network
 

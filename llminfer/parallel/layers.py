@@ -1,0 +1,68 @@
+"""The layers that change under tensor parallelism; the model file does not.
+
+Each rank builds the network of its ShardPlan.rank_config (its heads, its MLP width), then `parallelize`
+swaps in what needs communication: row-parallel projections all-reduce their partial sums, the embedding
+looks up only its vocabulary slice (and all-reduces), the LM head gathers the vocabulary slices of the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llminfer.layers.linear import Linear
+from llminfer.parallel.sharding import ShardPlan
+
+
+class RowParallelLinear(Linear):
+    """Input columns split across ranks: each computes a partial x_r W_r^T; the sum is all-reduced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)
+        dist.all_reduce(partial)
+        return partial + self.bias if self.bias is not None else partial
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + rows) of the embedding; other ranks contribute the rest through an all-reduce."""
+
+    def __init__(self, embedding: nn.Embedding, start: int) -> None:
+        super().__init__()
+        self.weight = embedding.weight
+        self.start, self.rows = start, embedding.weight.shape[0]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        mine = (local >= 0) & (local < self.rows)
+        out = F.embedding(local.clamp(0, self.rows - 1), self.weight) * mine[:, None].to(self.weight.dtype)
+        dist.all_reduce(out)
+        return out
+
+
+class GatheredLMHead(nn.Module):
+    """Logits for this rank's vocabulary slice, gathered from all ranks into the full vocabulary."""
+
+    def __init__(self, lm_head: Linear, world_size: int) -> None:
+        super().__init__()
+        self.weight = lm_head.weight
+        self.world_size = world_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = F.linear(hidden, self.weight).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts, dim=-1)
+
+
+def parallelize(model: nn.Module, plan: ShardPlan) -> None:
+    """Swap the communicating layers into a network built from plan.rank_config (vocabulary sliced)."""
+    for name, module in model.named_modules():
+        if name.endswith((".o_proj", ".down_proj")) and type(module) is Linear:
+            module.__class__ = RowParallelLinear  # same parameters and loader, forward adds the all-reduce
+    rows = plan.config.vocab_size // plan.world_size
+    model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, plan.rank * rows)
+    model.lm_head = GatheredLMHead(model.lm_head, plan.world_size)
+    if plan.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,125 @@
+"""Tensor parallelism on CPU (gloo): N processes give the same greedy tokens as one; bad sizes are refused
+before loading; a dead rank stops everything with an error naming it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llminfer import LLM, SamplingParams
+from llminfer.config import ModelConfig
+from llminfer.errors import ConfigError
+from llminfer.parallel.sharding import ShardPlan, check_tp_size
+
+HELPER = Path(__file__).parent / "helpers" / "tp_generate.py"
+PROMPTS = [[5, 9, 200, 31, 7], list(range(10, 40)), [77] * 3]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["kv2", "kv4"])
+def gqa_folder(request, tmp_path_factory):
+    """Tiny random Llama with 8 query heads and 2 or 4 KV heads (so N=4 replicates KV heads when there are 2)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=request.param,
+                                      max_position_embeddings=128, tie_word_embeddings=request.param == 2)
+    torch.manual_seed(request.param)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    folder = tmp_path_factory.mktemp(f"tp-kv{request.param}")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def single_process_tokens(folder, prompts=PROMPTS) -> list[list[int]]:
+    llm = LLM(str(folder), kv_cache_memory="8MiB")
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def torchrun(folder, n: int, prompts=PROMPTS) -> list[list[int]]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                             "--master-port", str(29500 + n), str(HELPER), str(folder), json.dumps(prompts), str(n)],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_torchrun_greedy_equals_one_process(gqa_folder, n):
+    assert torchrun(gqa_folder, n) == single_process_tokens(gqa_folder)
+
+
+def test_shard_plan_splits_heads_and_replicates_kv_heads_when_fewer_than_ranks():
+    config = ModelConfig("llama", 256, 64, 128, 2, 8, 2, 8, 128)
+    plans = [ShardPlan(config, r, 4) for r in range(4)]
+    assert [p.split("model.layers.0.self_attn.q_proj.weight").start for p in plans] == [0, 16, 32, 48]
+    assert [p.split("model.layers.0.self_attn.k_proj.weight").start for p in plans] == [0, 0, 8, 8]
+    assert plans[1].split("model.layers.0.mlp.down_proj.weight").axis == 1
+    assert plans[1].split("model.norm.weight").axis is None
+    assert plans[0].rank_config.num_key_value_heads == 1 and plans[0].rank_config.num_attention_heads == 2
+
+
+def test_sizes_that_do_not_divide_the_model_are_refused_with_the_valid_ones():
+    smollm2 = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, 8192)
+    with pytest.raises(ConfigError, match=r"tensor parallel size 2 does not divide its 9 attention heads "
+                                          r"\(valid sizes: 1, 3\)"):
+        check_tp_size(smollm2, 2)
+    with pytest.raises(ConfigError, match="needs 2 processes"):
+        LLM("smollm2-135m", tensor_parallel_size=2)
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    return subprocess.run([sys.executable, "-m", "llminfer", *args], capture_output=True, text=True, timeout=600,
+                          env=env, **kwargs)
+
+
+def test_cli_tensor_parallel_generate_equals_one_process(tiny_chat_folder):
+    one = run_cli("generate", "--model", str(tiny_chat_folder), "--greedy", "-n", "16", "hello world")
+    two = run_cli("generate", "--model", str(tiny_chat_folder), "--greedy", "-n", "16", "--tp", "2", "hello world")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.strip()
+    bad = run_cli("generate", "--model", str(tiny_chat_folder), "--tp", "3", "hi")
+    assert bad.returncode != 0 and "tensor parallel size 3 does not divide its 4 attention heads" in bad.stderr
+
+
+def test_killing_a_rank_stops_every_process_with_an_error_naming_it(tiny_chat_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "long"  # the tiny chat model with a long context, so generation is still running
+    shutil.copytree(tiny_chat_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    launcher = subprocess.Popen([sys.executable, "-m", "llminfer", "generate", "--model", str(folder),
+                                 "--tp", "2", "-n", "16000", "--temperature", "1", "--kv-cache-memory", "64MiB",
+                                 "hello"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    rank1 = None
+    while rank1 is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher.pid)], capture_output=True,
+                                  text=True).stdout.splitlines()
+        pids = [int(line.split()[0]) for line in children if "llminfer" in line]
+        if len(pids) == 2:
+            environ = [Path(f"/proc/{pid}/environ").read_bytes() for pid in pids]
+            rank1 = next(pid for pid, e in zip(pids, environ) if b"RANK=1\x00" in e)
+    assert rank1 is not None
+    time.sleep(8)  # let it load and start generating
+    os.kill(rank1, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = launcher.communicate(timeout=60)
+    assert time.monotonic() - killed < 10
+    assert launcher.returncode != 0
+    assert "tensor-parallel rank 1 of 2 failed (killed by signal 9)" in stderr
+    leftovers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True)
+    assert not leftovers.stdout.strip()
