@@ -123,3 +123,52 @@ def test_killing_a_rank_stops_every_process_with_an_error_naming_it(tiny_chat_fo
     assert "tensor-parallel rank 1 of 2 failed (killed by signal 9)" in stderr
     leftovers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True)
     assert not leftovers.stdout.strip()
+
+
+def test_shard_writes_one_nth_per_rank_and_merges_back_bit_for_bit(gqa_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from llminfer.parallel.shard import merge_shards, shard_checkpoint
+
+    out = shard_checkpoint(str(gqa_folder), tmp_path / "tp2", 2)
+    strategy = json.loads((out / "strategy.json").read_text())
+    assert strategy["tensor_parallel_size"] == 2
+    assert strategy["tensors"]["model.layers.0.self_attn.o_proj.weight"]["split"] == 1
+    assert strategy["tensors"]["model.norm.weight"]["split"] == "replicated"
+    original = load_file(str(gqa_folder / "model.safetensors"))
+    merged = merge_shards(out)
+    assert set(merged) == set(original) - ({"lm_head.weight"} if "lm_head.weight" not in merged else set())
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, original[name]), name
+    sharded_bytes = [0, 0]
+    for rank in range(2):
+        for name, tensor in load_file(str(out / f"rank_{rank}" / "model.safetensors")).items():
+            if strategy["tensors"][name]["split"] != "replicated":
+                sharded_bytes[rank] += tensor.numel() * tensor.element_size()
+    total = sum(t.numel() * t.element_size() for n, t in original.items()
+                if n in strategy["tensors"] and strategy["tensors"][n]["split"] != "replicated")
+    assert all(abs(b - total / 2) <= 0.1 * total for b in sharded_bytes)
+
+
+def test_pre_sharded_folder_gives_the_same_tokens_and_refuses_another_size(gqa_folder, tmp_path):
+    from llminfer.parallel.shard import shard_checkpoint
+
+    out = shard_checkpoint(str(gqa_folder), tmp_path / "tp2", 2)
+    assert torchrun(out, 2) == single_process_tokens(gqa_folder)
+    with pytest.raises(ConfigError, match="sharded for 2 ranks; run it with --tensor-parallel-size 2"):
+        LLM(str(out))
+    bad = run_cli("generate", "--model", str(out), "--tp", "4", "hi")
+    assert bad.returncode != 0 and "sharded for 2 ranks, but running with 4" in bad.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_on_three_ranks_equals_one(smollm2_llm, tmp_path):
+    """The real model: 9 query heads and 3 KV heads over 3 ranks, from the GGUF and from a pre-sharded folder."""
+    from llminfer.parallel.shard import shard_checkpoint
+
+    prompts = [smollm2_llm.tokenizer.encode(p) for p in ("The capital of France is", "def add(a, b):")]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in smollm2_llm.generate(prompts, params)]
+    assert torchrun("smollm2-135m", 3, prompts) == expected
+    out = shard_checkpoint("smollm2-135m", tmp_path / "smol-tp3", 3)
+    assert torchrun(out, 3, prompts) == expected

@@ -135,3 +135,12 @@ def quantize(args: argparse.Namespace) -> int:
                                       smoothquant_alpha=args.smoothquant_alpha, overwrite=args.overwrite)
     print(f"quantized {args.source} -> {destination} ({args.scheme}, {args.algorithm})")
     return 0
+
+
+def shard(args: argparse.Namespace) -> int:
+    from llminfer.parallel.shard import shard_checkpoint
+
+    destination = shard_checkpoint(args.source, args.output, args.ranks, dtype=args.dtype,
+                                   overwrite=args.overwrite)
+    print(f"sharded {args.source} -> {destination} ({args.ranks} ranks)")
+    return 0

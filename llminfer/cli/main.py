@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     convert.set_defaults(handler=_lazy("llminfer.cli.commands", "convert"))
 
+    shard = commands.add_parser("shard", help="split a checkpoint per tensor-parallel rank, offline")
+    shard.add_argument("source", help="HF model folder, .gguf file, converted folder, hub id or alias")
+    shard.add_argument("--tp", "--tensor-parallel-size", dest="ranks", type=_positive, required=True,
+                       help="number of ranks to split for")
+    shard.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")
+    shard.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
+    shard.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    shard.set_defaults(handler=_lazy("llminfer.cli.commands", "shard"))
+
     quantize = commands.add_parser("quantize", help="post-training quantization of a float checkpoint")
     quantize.add_argument("source", help="HF model folder, .gguf file, converted folder, hub id or alias")
     quantize.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")

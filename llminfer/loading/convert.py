@@ -126,12 +126,12 @@ def _save_part(part: dict[str, torch.Tensor], folder: Path, index: int, weight_m
 def write_manifest(folder: Path, fields: dict) -> None:
     """manifest.json: every file with its size and sha256, plus what produced the folder."""
     files = {}
-    for path in sorted(folder.iterdir()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
     manifest = {"format": "llminfer", "format_version": FORMAT_VERSION, **fields,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

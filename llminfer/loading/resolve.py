@@ -26,6 +26,10 @@ def open_checkpoint(model: str) -> Checkpoint:
             return GGUFCheckpoint(path)
         raise ModelNotFoundError(f"{path}: expected a .gguf file or a model folder")
     if path.is_dir():
+        if (path / "strategy.json").is_file():
+            from llminfer.parallel.shard import ShardedCheckpoint
+
+            return ShardedCheckpoint(path)
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and not (path / "model_config.json").exists() and len(ggufs) == 1:
             return GGUFCheckpoint(ggufs[0])

@@ -117,8 +117,11 @@ def _load_shard(checkpoint: Checkpoint, dtype: torch.dtype, device: str, plan: S
     network = build_model(replace(plan.rank_config, vocab_size=vocab_slice), dtype, device)
     parallelize(network, plan)
     network.config = plan.rank_config  # the engine sees the whole vocabulary and this rank's KV heads
-    network.load_weights(((name, plan.shard(name, tensor)) for name, tensor in checkpoint.named_tensors()),
-                         source=checkpoint.name)
+    if hasattr(checkpoint, "rank_tensors"):  # sharded offline: this rank's files hold exactly its slices
+        tensors = checkpoint.rank_tensors(plan.rank, plan.world_size)
+    else:
+        tensors = ((name, plan.shard(name, tensor)) for name, tensor in checkpoint.named_tensors())
+    network.load_weights(tensors, source=checkpoint.name)
     network.tokenizer = checkpoint.tokenizer()
     return network
 
