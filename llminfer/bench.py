@@ -253,6 +253,12 @@ def throughput_command(args: argparse.Namespace) -> int:
         "prefill_tokens_computed": prompt_tokens - stats.prefix_cache_hit_tokens, "prompt_tokens": prompt_tokens,
         "preemptions": engine.scheduler.num_preemptions,
     }
+    if llm.tensor_parallel_size > 1:
+        from llminfer.parallel.layers import communication
+
+        report.update(tensor_parallel_size=llm.tensor_parallel_size,
+                      communication_ms_per_step=communication.seconds / max(steps, 1) * 1e3,
+                      communication_share=communication.seconds / elapsed)
     if args.compare == "hf":
         del llm, engine
         results.append(measure_transformers_throughput(args.model, dtype, args.device, prompts,
@@ -273,8 +279,10 @@ def throughput_command(args: argparse.Namespace) -> int:
           f"over the run); contiguous per-request reservation of the full context: {contiguous_slots} slots")
     print(f"prefix cache: {stats.prefix_cache_hit_rate:.1%} of prompt tokens hit; prefill computed "
           f"{report['prefill_tokens_computed']} of {prompt_tokens} prompt tokens; preemptions {report['preemptions']}")
-    for label, ratio in report.get("ratio_vs_first", {}).items():
-        print(f"{label} / {results[0].engine}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
+    if "tensor_parallel_size" in report:
+        print(f"tensor parallel: {report['tensor_parallel_size']} ranks, rank 0 spent "
+              f"{report['communication_ms_per_step']:.2f} ms per step in collectives "
+              f"({report['communication_share']:.1%} of the run)")
     if "ratio_vs_transformers" in report:
         print(f"llminfer / transformers output tokens/s: {report['ratio_vs_transformers']['output_tokens_per_s']:.2f}x")
     return 0

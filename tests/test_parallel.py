@@ -172,3 +172,42 @@ def test_smollm2_on_three_ranks_equals_one(smollm2_llm, tmp_path):
     assert torchrun("smollm2-135m", 3, prompts) == expected
     out = shard_checkpoint("smollm2-135m", tmp_path / "smol-tp3", 3)
     assert torchrun(out, 3, prompts) == expected
+
+
+def test_server_with_two_ranks_answers_like_one_and_fails_cleanly_when_a_rank_dies(tiny_chat_folder):
+    import httpx
+
+    from llminfer.parallel.launch import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    launcher = subprocess.Popen([sys.executable, "-m", "llminfer", "serve", "--model", str(tiny_chat_folder),
+                                 "--tp", "2", "--port", str(port), "--kv-cache-memory", "16MiB"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        body = {"model": str(tiny_chat_folder), "prompt": "hello world", "max_tokens": 12, "temperature": 0}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        expected = LLM(str(tiny_chat_folder), kv_cache_memory="8MiB").generate(
+            "hello world", SamplingParams(max_tokens=12, temperature=0.0))[0].outputs[0].text
+        assert answer == expected
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        rank1 = next(int(pid) for pid in children
+                     if b"RANK=1\x00" in Path(f"/proc/{pid}/environ").read_bytes())
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = launcher.communicate(timeout=60)
+        assert time.monotonic() - killed < 10
+        assert launcher.returncode != 0 and "tensor-parallel rank 1 of 2 failed" in stderr
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()

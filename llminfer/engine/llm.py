@@ -44,6 +44,7 @@ class LLM:
         self.checkpoint_format = checkpoint.format
         self.model_config = checkpoint.config
         rank, world = _parallel_rank(tensor_parallel_size, device)
+        self.tensor_parallel_size = world
         plan = ShardPlan(checkpoint.config, rank, world) if world > 1 else None
         self.model = load_model(checkpoint, dtype, device, quantization, plan)
         self.config = replace(self.config, dtype=str(self.model.dtype).replace("torch.", ""))

@@ -7,6 +7,8 @@ looks up only its vocabulary slice (and all-reduces), the LM head gathers the vo
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -16,12 +18,27 @@ from llminfer.layers.linear import Linear
 from llminfer.parallel.sharding import ShardPlan
 
 
+class CommunicationClock:
+    """Wall time this process spends inside collectives (waiting for slower ranks included)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def run(self, collective, *args) -> None:
+        start = time.perf_counter()
+        collective(*args)
+        self.seconds += time.perf_counter() - start
+
+
+communication = CommunicationClock()
+
+
 class RowParallelLinear(Linear):
     """Input columns split across ranks: each computes a partial x_r W_r^T; the sum is all-reduced."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
-        dist.all_reduce(partial)
+        communication.run(dist.all_reduce, partial)
         return partial + self.bias if self.bias is not None else partial
 
 
@@ -37,7 +54,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.start
         mine = (local >= 0) & (local < self.rows)
         out = F.embedding(local.clamp(0, self.rows - 1), self.weight) * mine[:, None].to(self.weight.dtype)
-        dist.all_reduce(out)
+        communication.run(dist.all_reduce, out)
         return out
 
 
@@ -52,7 +69,7 @@ class GatheredLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = F.linear(hidden, self.weight).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(parts, local)
+        communication.run(dist.all_gather, parts, local)
         return torch.cat(parts, dim=-1)
 
 

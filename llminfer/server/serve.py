@@ -48,6 +48,15 @@ class DrainingServer(uvicorn.Server):
 def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="llminfer: %(message)s",
                         force=True)
+    from llminfer.parallel.runtime import distributed_env
+
+    if distributed_env()[0] > 0:  # a tensor-parallel follower: no HTTP, it runs rank 0's steps until told to stop
+        from llminfer.cli.main import model_options
+        from llminfer.engine import LLM
+
+        LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
+        return 0  # not reached: the follower exits inside LLM()
     api_key = args.api_key or os.environ.get("LLMINFER_API_KEY") or None
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=api_key,
                           max_queued=args.max_queued, max_body_bytes=args.max_body_size, max_n=args.max_n)
