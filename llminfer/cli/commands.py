@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from llminfer.cli.main import model_options
@@ -10,7 +11,8 @@ from llminfer.engine import LLM, SamplingParams
 
 
 def _load(args: argparse.Namespace) -> LLM:
-    print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # tensor-parallel followers stay quiet
+        print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
     return LLM(args.model, **model_options(args))
 
 
