@@ -46,10 +46,12 @@ def single_process_tokens(folder, prompts=PROMPTS) -> list[list[int]]:
 
 def torchrun(folder, n: int, prompts=PROMPTS) -> list[list[int]]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    from llminfer.parallel.launch import free_port
+
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-                             "--master-port", str(29500 + n), str(HELPER), str(folder), json.dumps(prompts), str(n)],
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+                             "--master-port", str(free_port()), str(HELPER), str(folder), json.dumps(prompts),
+                             str(n)], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[:3000]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -61,6 +61,8 @@ class BroadcastingRunner(ModelRunner):
             self._closed = True
             try:
                 dist.broadcast_object_list([None], src=0)
+                # Tear the group down now: left to interpreter shutdown, gloo's threads abort the process.
+                dist.destroy_process_group()
             except Exception as exc:  # noqa: BLE001 - a peer already gone: nothing left to tell
                 logger.warning("could not stop the other ranks: %s", exc)
 
