@@ -94,17 +94,18 @@ def test_cli_tensor_parallel_generate_equals_one_process(tiny_chat_folder):
     assert bad.returncode != 0 and "tensor parallel size 3 does not divide its 4 attention heads" in bad.stderr
 
 
-def test_killing_a_rank_stops_every_process_with_an_error_naming_it(tiny_chat_folder, tmp_path):
-    import shutil
+def test_killing_a_rank_stops_every_process_with_an_error_naming_it(tmp_path):
+    import transformers
 
-    folder = tmp_path / "long"  # the tiny chat model with a long context, so generation is still running
-    shutil.copytree(tiny_chat_folder, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    # A tiny model with a long context, generating thousands of tokens with EOS ignored: still running when killed.
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "long")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    launcher = subprocess.Popen([sys.executable, "-m", "llminfer", "generate", "--model", str(folder),
-                                 "--tp", "2", "-n", "16000", "--temperature", "1", "--kv-cache-memory", "64MiB",
-                                 "hello"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    launcher = subprocess.Popen([sys.executable, "-m", "llminfer", "bench", "latency", "--model", str(tmp_path / "long"),
+                                 "--tp", "2", "--input-len", "16", "--output-len", "8000", "--iters", "1",
+                                 "--kv-cache-memory", "64MiB"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     rank1 = None
     while rank1 is None and time.monotonic() < deadline:
