@@ -132,7 +132,7 @@ def test_a8w8_with_smoothing_equals_its_reference():
 def test_int4_kernel_layout_gives_back_the_exact_levels():
     linear = random_linear(bias=False)
     config = ptq("a16w4", 32).quantization_config()
-    q, scale, zero = Q.quantize_int4_groups(linear.weight, 32)
+    q, _, _ = Q.quantize_int4_groups(linear.weight, 32)
     layer = Int4WeightOnlyLinear.from_float(linear, config)
     assert torch.equal(Q.unpack_int4(layer.checkpoint_tensors()["qweight"]), q)
 

@@ -36,26 +36,13 @@ def shard_checkpoint(source: str, destination: str | Path, world_size: int, dtyp
         raise ConfigError(f"--dtype '{dtype}' is not supported (expected one of {', '.join(DTYPES)})")
     target = DTYPES[dtype or checkpoint.config.torch_dtype]
     plans = [ShardPlan(checkpoint.config, rank, world_size) for rank in range(world_size)]
-    tied = checkpoint.config.tie_word_embeddings
     strategy: dict[str, dict] = {}
     with staged_folder(Path(destination), overwrite) as staging:
         for plan in plans:  # one pass over the source per rank: only one tensor is in memory at a time
             print(f"llminfer: writing rank {plan.rank} of {world_size}", file=sys.stderr, flush=True)
             folder = staging / f"rank_{plan.rank}"
             folder.mkdir()
-
-            def slices() -> Iterator[tuple[str, torch.Tensor]]:
-                for name, tensor in checkpoint.named_tensors():
-                    if name == "lm_head.weight" and tied:
-                        continue
-                    split = plan.split(name)
-                    entry = strategy.setdefault(name, {"split": "replicated" if split.axis is None else split.axis,
-                                                       "shape": list(tensor.shape), "ranks": []})
-                    if split.axis is not None:
-                        entry["ranks"].append([split.start, split.length])
-                    yield name, plan.shard(name, tensor).to(target).clone()
-
-            write_shards(slices(), folder, max_shard_bytes, checkpoint.name)
+            write_shards(_rank_slices(checkpoint, plan, strategy, target), folder, max_shard_bytes, checkpoint.name)
         write_model_files(staging, checkpoint.config, checkpoint.tokenizer())
         (staging / STRATEGY).write_text(json.dumps({"format": "llminfer-tensor-parallel",
                                                     "tensor_parallel_size": world_size, "source": source,
@@ -63,6 +50,20 @@ def shard_checkpoint(source: str, destination: str | Path, world_size: int, dtyp
         write_manifest(staging, {"source": source, "tensor_parallel_size": world_size,
                                  "dtype": str(target).replace("torch.", ""), "num_tensors": len(strategy)})
     return Path(destination)
+
+
+def _rank_slices(checkpoint: Checkpoint, plan: ShardPlan, strategy: dict[str, dict],
+                 dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """One rank's slice of every tensor, recording each split in `strategy` on the way."""
+    for name, tensor in checkpoint.named_tensors():
+        if name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
+            continue
+        split = plan.split(name)
+        entry = strategy.setdefault(name, {"split": "replicated" if split.axis is None else split.axis,
+                                           "shape": list(tensor.shape), "ranks": []})
+        if split.axis is not None:
+            entry["ranks"].append([split.start, split.length])
+        yield name, plan.shard(name, tensor).to(dtype).clone()
 
 
 class ShardedCheckpoint(Checkpoint):

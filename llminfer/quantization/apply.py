@@ -64,7 +64,3 @@ def cast_float_parts(model: nn.Module, dtype: torch.dtype) -> None:
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
-
-
-def is_quantized(module: nn.Module) -> bool:
-    return isinstance(module, QuantizedLinear)
