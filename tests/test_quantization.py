@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import prefill_logits
 
 from llminfer import LLM, SamplingParams
 from llminfer.errors import ConfigError, ModelFormatError
@@ -212,8 +213,6 @@ def test_saved_quantized_checkpoint_reloads_to_identical_outputs(quant_folder, t
 
     reloaded = AutoModel.from_pretrained(out)
     assert reloaded.quantization == model.quantization
-    from tests.conftest import prefill_logits
-
     assert torch.equal(prefill_logits(reloaded, PROMPTS), prefill_logits(model, PROMPTS))
     assert greedy(reloaded) == greedy(model)
 

@@ -530,3 +530,21 @@ def test_serve_with_a_missing_model_exits_2_with_one_line(tmp_path):
 
     result = run_cli("serve", "--model", str(tmp_path / "no-such-model"), "--port", str(free_port()), timeout=120)
     assert_one_line_error(result, "no-such-model")
+
+
+def test_streamed_events_never_contain_raw_line_separators():
+    """Generated text may hold U+2028, U+0085 or other characters that line-splitting SSE clients treat as line
+    ends (httpx's aiter_lines does): events must stay on one line."""
+    import asyncio
+
+    from llminfer.server.app import _sse
+
+    async def chunks():
+        yield {"text": "a\u2028b\x85c\u2029d\r\ne"}
+
+    async def body():
+        return [part async for part in _sse(chunks()).body_iterator]
+
+    (event,) = asyncio.run(body())
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):]) == {"text": "a\u2028b\x85c\u2029d\r\ne"}

@@ -427,7 +427,8 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                # ASCII escapes: no raw U+2028 / U+0085 that line-splitting clients would cut an event at
+                yield f"data: {json.dumps(chunk)}\n\n"
         except (EngineDeadError, InvalidPromptError) as exc:  # headers are sent: the error goes in the stream
             yield f"data: {json.dumps(_engine_error(exc).body())}\n\n"
         finally:
