@@ -545,6 +545,6 @@ def test_streamed_events_never_contain_raw_line_separators():
     async def body():
         return [part async for part in _sse(chunks()).body_iterator]
 
-    (event,) = asyncio.run(body())
+    event = asyncio.run(body())[0]
     assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
     assert json.loads(event[len("data: "):]) == {"text": "a\u2028b\x85c\u2029d\r\ne"}
