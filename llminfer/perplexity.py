@@ -76,28 +76,33 @@ def perplexity(model, token_ids: list[int], context_len: int = 512, engine_confi
     return PerplexityResult(math.exp(mean), mean, scored, len(windows), context_len, time.perf_counter() - start)
 
 
+def read_text_file(path: str, what: str) -> str:
+    """A UTF-8 text file given on the command line, or a one-line error naming it."""
+    from pathlib import Path
+
+    from llminfer.errors import ModelNotFoundError
+
+    file = Path(path)
+    if not file.is_file():
+        raise ModelNotFoundError(f"{file}: {what} not found")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidPromptError(f"{file}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def perplexity_command(args) -> int:
     import json
     import sys
-    from pathlib import Path
 
     from tqdm import tqdm
 
     from llminfer.config import EngineConfig
     from llminfer.engine.llm_engine import resolve_kv_cache_dtype
-    from llminfer.errors import ModelNotFoundError, TokenizerError
+    from llminfer.errors import TokenizerError
     from llminfer.model.auto import AutoModel
 
-    if args.text_file:
-        path = Path(args.text_file)
-        if not path.is_file():
-            raise ModelNotFoundError(f"{path}: text file not found")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidPromptError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    else:
-        text = default_text()
+    text = read_text_file(args.text_file, "text file") if args.text_file else default_text()
     print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
     model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
     engine_config = EngineConfig(kv_cache_dtype=args.kv_cache_dtype)

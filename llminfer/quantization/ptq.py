@@ -196,9 +196,9 @@ def quantize_checkpoint(source: str, destination: str, scheme: str, group_size: 
     (slow) load, and writes nothing unless it all succeeds."""
     from pathlib import Path
 
-    from llminfer.errors import ModelNotFoundError
     from llminfer.loading import open_checkpoint
     from llminfer.model.auto import load_model
+    from llminfer.perplexity import read_text_file
     from llminfer.quantization.save import save_quantized
 
     if scheme == "a16w4" and group_size is None:
@@ -209,15 +209,7 @@ def quantize_checkpoint(source: str, destination: str, scheme: str, group_size: 
     quantizer = quantizer_for(config)
     if calibration_file is not None and not quantizer.needs_calibration:
         raise ConfigError(f"--calibration is used by gptq and smoothquant, not by {algorithm}")
-    text = None
-    if calibration_file is not None:
-        path = Path(calibration_file)
-        if not path.is_file():
-            raise ModelNotFoundError(f"{path}: calibration file not found")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: calibration file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_text_file(calibration_file, "calibration file") if calibration_file is not None else None
     destination_path = Path(destination)
     if destination_path.exists() and any(destination_path.iterdir()) and not overwrite:
         raise ConfigError(f"{destination_path}: already exists and is not empty (choose another path or pass "
