@@ -177,14 +177,28 @@ def test_smollm2_on_three_ranks_equals_one(smollm2_llm, tmp_path):
     assert torchrun(out, 3, prompts) == expected
 
 
-def test_server_with_two_ranks_answers_like_one_and_fails_cleanly_when_a_rank_dies(tiny_chat_folder):
+@pytest.fixture
+def long_chat_folder(tiny_chat_folder, tmp_path):
+    """The tiny chat model with a 16k context, so a stream can still be running when a rank is killed."""
+    import shutil
+
+    folder = tmp_path / "long-chat"
+    shutil.copytree(tiny_chat_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    return folder
+
+
+def test_server_with_two_ranks_answers_like_one_and_fails_cleanly_when_a_rank_dies(long_chat_folder):
+    """A rank killed while a stream is in flight: the stream ends with an error event, /health is 503 until rank 0
+    exits, and every process is gone within 10 s."""
     import httpx
 
     from llminfer.parallel.launch import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    launcher = subprocess.Popen([sys.executable, "-m", "llminfer", "serve", "--model", str(tiny_chat_folder),
+    launcher = subprocess.Popen([sys.executable, "-m", "llminfer", "serve", "--model", str(long_chat_folder),
                                  "--tp", "2", "--port", str(port), "--kv-cache-memory", "16MiB"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -197,17 +211,40 @@ def test_server_with_two_ranks_answers_like_one_and_fails_cleanly_when_a_rank_di
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        body = {"model": str(tiny_chat_folder), "prompt": "hello world", "max_tokens": 12, "temperature": 0}
+        body = {"model": str(long_chat_folder), "prompt": "hello world", "max_tokens": 12, "temperature": 0}
         answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-        expected = LLM(str(tiny_chat_folder), kv_cache_memory="8MiB").generate(
+        expected = LLM(str(long_chat_folder), kv_cache_memory="8MiB").generate(
             "hello world", SamplingParams(max_tokens=12, temperature=0.0))[0].outputs[0].text
         assert answer == expected
+        events: list[str] = []
+
+        def stream_until_it_ends() -> None:  # a request in flight when the rank dies
+            long = {**body, "max_tokens": 10000, "ignore_eos": True, "stream": True, "temperature": 1.0}
+            with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=60) as response:
+                events.extend(line for line in response.iter_lines() if line)
+
+        import threading
+
+        streamer = threading.Thread(target=stream_until_it_ends)
+        streamer.start()
+        while not events:
+            time.sleep(0.05)
         children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True,
                                   text=True).stdout.split()
         rank1 = next(int(pid) for pid in children
                      if b"RANK=1\x00" in Path(f"/proc/{pid}/environ").read_bytes())
         os.kill(rank1, signal.SIGKILL)
         killed = time.monotonic()
+        streamer.join(30)
+        assert '"error"' in events[-2] and "engine failed" in events[-2]  # the in-flight request ends in an error
+        health = []
+        while launcher.poll() is None and time.monotonic() - killed < 10:
+            try:
+                health.append(httpx.get(f"{url}/health", timeout=1).status_code)
+            except httpx.TransportError:
+                break  # rank 0 has shut down
+            time.sleep(0.1)
+        assert 200 not in health  # never healthy again once a rank is gone
         _, stderr = launcher.communicate(timeout=60)
         assert time.monotonic() - killed < 10
         assert launcher.returncode != 0 and "tensor-parallel rank 1 of 2 failed" in stderr
