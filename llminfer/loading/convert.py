@@ -55,12 +55,17 @@ def convert_checkpoint(source: str, destination: str | Path, dtype: str = "bfloa
     return destination
 
 
+def check_destination(destination: Path, overwrite: bool) -> None:
+    """Refuse a non-empty destination unless told to replace it (called before long work, too)."""
+    if destination.exists() and not (destination.is_dir() and not any(destination.iterdir())) and not overwrite:
+        raise ConfigError(f"{destination}: already exists and is not empty (choose another path or pass --overwrite)")
+
+
 @contextmanager
 def staged_folder(destination: Path, overwrite: bool = False) -> Iterator[Path]:
     """A temporary folder beside `destination`, renamed into place only when the block succeeds."""
     destination = Path(destination)
-    if destination.exists() and not (destination.is_dir() and not any(destination.iterdir())) and not overwrite:
-        raise ConfigError(f"{destination}: already exists and is not empty (choose another path or pass --overwrite)")
+    check_destination(destination, overwrite)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:

@@ -29,11 +29,8 @@ def build_quantized_layers(model: nn.Module, config: QuantizationConfig, device:
     """Turn a float skeleton built on the meta device into a quantized network on `device`:
     quantized layers in place of the targeted linears, empty storage for everything else."""
     with torch.device(device):
-        for name, linear in target_linears(model, config):
-            if config.quantize_lm_head and name == "lm_head":
-                model.lm_head = empty_quantized_linear(linear, config)  # unties it from the embedding
-            else:
-                replace_module(model, name, empty_quantized_linear(linear, config))
+        for name, linear in target_linears(model, config):  # a quantized LM head is untied from the embedding
+            replace_module(model, name, empty_quantized_linear(linear, config))
     materialize(model, device)
     model.quantization = config
 

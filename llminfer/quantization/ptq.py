@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import replace
 from typing import Sequence
@@ -25,8 +24,6 @@ from llminfer.quantization.apply import cast_float_parts, replace_module, target
 from llminfer.quantization.calibration import CalibrationData, calibration_data
 from llminfer.quantization.config import PTQConfig, QuantizationConfig
 from llminfer.quantization.layers import LAYER_CLASSES
-
-logger = logging.getLogger(__name__)
 
 Calibration = str | Sequence[str] | Sequence[Sequence[int]] | None
 
@@ -197,6 +194,7 @@ def quantize_checkpoint(source: str, destination: str, scheme: str, group_size: 
     from pathlib import Path
 
     from llminfer.loading import open_checkpoint
+    from llminfer.loading.convert import check_destination
     from llminfer.model.auto import load_model
     from llminfer.perplexity import read_text_file
     from llminfer.quantization.save import save_quantized
@@ -210,10 +208,7 @@ def quantize_checkpoint(source: str, destination: str, scheme: str, group_size: 
     if calibration_file is not None and not quantizer.needs_calibration:
         raise ConfigError(f"--calibration is used by gptq and smoothquant, not by {algorithm}")
     text = read_text_file(calibration_file, "calibration file") if calibration_file is not None else None
-    destination_path = Path(destination)
-    if destination_path.exists() and any(destination_path.iterdir()) and not overwrite:
-        raise ConfigError(f"{destination_path}: already exists and is not empty (choose another path or pass "
-                          "--overwrite)")
+    check_destination(Path(destination), overwrite)  # before the slow load, not only when writing
     checkpoint = open_checkpoint(source)
     if checkpoint.quantization_config() is not None:
         raise ConfigError(f"{source}: already quantized ({checkpoint.quantization_config().describe()}); "
@@ -223,7 +218,6 @@ def quantize_checkpoint(source: str, destination: str, scheme: str, group_size: 
         if group_size is not None and width % group_size:
             raise ConfigError(f"{source}: group size {group_size} does not divide {name} = {width} "
                               f"(valid here: {', '.join(str(g) for g in (32, 64, 128) if _divides_all(checkpoint, g))})")
-    logger.info("loading %s", source)
     print(f"llminfer: loading {source} ...", file=sys.stderr, flush=True)
     model = load_model(checkpoint, "float32")
     quantizer.apply(model, calibration=text, calibration_source=calibration_file)

@@ -60,28 +60,28 @@ def save_quantized(model: nn.Module, path: str | Path, overwrite: bool = False,
     if qconfig is None:
         raise ConfigError("save_quantized: the model is not quantized (run convert() first)")
     destination = Path(path)
+    quantized: dict[str, dict] = {}
+
+    def recorded() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in quantized_tensors(model):
+            if _is_quantized_name(model, name):
+                quantized[name] = {"dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape)}
+            yield name, tensor
+
     with staged_folder(destination, overwrite) as staging:
-        weight_map = write_shards(quantized_tensors(model), staging, max_shard_bytes, "model")
+        weight_map = write_shards(recorded(), staging, max_shard_bytes, "model")
         config = replace(model.config, torch_dtype=qconfig.compute_dtype)
         write_model_files(staging, config, getattr(model, "tokenizer", None))
         manifest = {
             "quantization": qconfig.to_dict(),
-            "quantized_tensors": {name: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
-                                  for name, t in _quantized_only(model)},
-            "kept_in_compute_dtype": sorted(name for name in weight_map if not _is_quantized_name(model, name)),
+            "quantized_tensors": quantized,
+            "kept_in_compute_dtype": sorted(name for name in weight_map if name not in quantized),
             "weight_memory": weight_memory(model),
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         write_manifest(staging, {"source": source or "in-memory model", "dtype": qconfig.compute_dtype,
                                  "quantization": qconfig.describe(), "num_tensors": len(weight_map)})
     return destination
-
-
-def _quantized_only(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            for suffix, tensor in module.checkpoint_tensors().items():
-                yield f"{name}.{suffix}", tensor
 
 
 def _is_quantized_name(model: nn.Module, tensor_name: str) -> bool:
