@@ -37,15 +37,19 @@ class PerplexityResult:
     seconds: float
 
 
-def window_logits(model, windows: list[list[int]], engine_config=None) -> Iterator[torch.Tensor]:
-    """Prefill each window (token ids) on its own through the engine's paged path; yields its logits [L, V]."""
+def window_logits(model, windows: list[list[int]], engine_config=None,
+                  engine: LLMEngine | None = None) -> Iterator[torch.Tensor]:
+    """Prefill each window (token ids) on its own through the engine's paged path; yields its logits [L, V].
+    By default a private engine sized for one window; or a given one (e.g. an LLM's, under tensor parallelism),
+    which must have prefix caching off and room for a whole window in one step."""
     from llminfer.config import EngineConfig
 
-    longest = max(len(w) for w in windows)
-    # A private engine sized for one window, prefix caching off: every window is computed, never looked up.
-    config = replace(engine_config or EngineConfig(), enable_prefix_caching=False,
-                     max_num_batched_tokens=longest, max_model_len=None)
-    engine = LLMEngine(model, None, exact_kv_budget(config, model, longest + 1, 1))
+    if engine is None:
+        longest = max(len(w) for w in windows)
+        # Prefix caching off: every window is computed, never looked up.
+        config = replace(engine_config or EngineConfig(), enable_prefix_caching=False,
+                         max_num_batched_tokens=longest, max_model_len=None)
+        engine = LLMEngine(model, None, exact_kv_budget(config, model, longest + 1, 1))
     for window in windows:
         request = engine.add_request(window, SamplingParams(max_tokens=1, ignore_eos=True))
         batch = engine.scheduler.schedule()
@@ -55,7 +59,8 @@ def window_logits(model, windows: list[list[int]], engine_config=None) -> Iterat
 
 
 def perplexity(model, token_ids: list[int], context_len: int = 512, engine_config=None,
-               progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
+               progress: Callable[[int, int], None] | None = None,
+               engine: LLMEngine | None = None) -> PerplexityResult:
     """Score token_ids in consecutive windows of context_len tokens (a last window shorter than 2 is dropped)."""
     if context_len < 2:
         raise InvalidPromptError(f"context_len must be at least 2, got {context_len}")
@@ -65,7 +70,7 @@ def perplexity(model, token_ids: list[int], context_len: int = 512, engine_confi
         raise InvalidPromptError(f"text has {len(token_ids)} tokens: nothing to score (need at least 2)")
     start = time.perf_counter()
     total_nll, scored = 0.0, 0
-    for index, (window, logits) in enumerate(zip(windows, window_logits(model, windows, engine_config))):
+    for index, (window, logits) in enumerate(zip(windows, window_logits(model, windows, engine_config, engine))):
         targets = torch.tensor(window[1:], device=logits.device)
         logprobs = logits[:-1].double().log_softmax(dim=-1)
         total_nll -= float(logprobs.gather(1, targets[:, None]).sum())
@@ -97,24 +102,30 @@ def perplexity_command(args) -> int:
 
     from tqdm import tqdm
 
-    from llminfer.config import EngineConfig
-    from llminfer.engine.llm_engine import resolve_kv_cache_dtype
-    from llminfer.errors import TokenizerError
-    from llminfer.model.auto import AutoModel
+    from llminfer.cli.main import model_options
+    from llminfer.engine.llm import LLM
+    from llminfer.errors import ConfigError, TokenizerError
 
     text = read_text_file(args.text_file, "text file") if args.text_file else default_text()
     print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
-    model = AutoModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization)
-    engine_config = EngineConfig(kv_cache_dtype=args.kv_cache_dtype)
-    if model.tokenizer is None:
+    # Through LLM, so that --tensor-parallel-size N scores with N ranks (the others follow rank 0's steps).
+    llm = LLM(args.model, **model_options(args), enable_prefix_caching=False,
+              max_num_batched_tokens=max(2048, args.context_len))
+    context = llm.engine.max_model_len
+    if args.context_len >= context:
+        raise ConfigError(f"--context-len {args.context_len} does not fit the model's context of {context} tokens "
+                          f"(each window is prefilled whole; use --context-len {context - 1} or less)")
+    if llm.tokenizer is None:
         raise TokenizerError(f"{args.model}: has no tokenizer, so no text can be scored")
-    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     with tqdm(total=-(-len(ids) // args.context_len), desc="windows", unit="win", file=sys.stderr,
               disable=args.json) as bar:
-        result = perplexity(model, ids, args.context_len, engine_config, progress=lambda done, total: bar.update(1))
-    kv_dtype = resolve_kv_cache_dtype(engine_config, model)
+        result = perplexity(llm.model, ids, args.context_len, progress=lambda done, total: bar.update(1),
+                            engine=llm.engine)
+    kv_dtype = llm.engine.kv_cache_dtype
+    model = llm.model
     dtype = str(model.dtype).replace("torch.", "")
     scheme = model.quantization.describe() if model.quantization else None
     report = {"model": args.model, "dtype": dtype, "quantization": scheme, "kv_cache_dtype": kv_dtype,

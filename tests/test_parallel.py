@@ -23,34 +23,44 @@ HELPER = Path(__file__).parent / "helpers" / "tp_generate.py"
 PROMPTS = [[5, 9, 200, 31, 7], list(range(10, 40)), [77] * 3]
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["kv2", "kv4"])
-def gqa_folder(request, tmp_path_factory):
+def write_gqa_model(kv_heads: int, folder: Path) -> Path:
     """Tiny random Llama with 8 query heads and 2 or 4 KV heads (so N=4 replicates KV heads when there are 2)."""
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=8, num_key_value_heads=request.param,
-                                      max_position_embeddings=128, tie_word_embeddings=request.param == 2)
-    torch.manual_seed(request.param)
+                                      num_attention_heads=8, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=128, tie_word_embeddings=kv_heads == 2,
+                                      initializer_range=0.25)  # large enough weights that greedy tokens vary
+    torch.manual_seed(kv_heads)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    folder = tmp_path_factory.mktemp(f"tp-kv{request.param}")
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
-def single_process_tokens(folder, prompts=PROMPTS) -> list[list[int]]:
-    llm = LLM(str(folder), kv_cache_memory="8MiB")
+@pytest.fixture(scope="module", params=[2, 4], ids=["kv2", "kv4"])
+def gqa_folder(request, tmp_path_factory):
+    return write_gqa_model(request.param, tmp_path_factory.mktemp(f"tp-kv{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def kv2_folder(tmp_path_factory):
+    return write_gqa_model(2, tmp_path_factory.mktemp("tp-kv2"))
+
+
+def single_process_tokens(folder, prompts=PROMPTS, quantization: str | None = None,
+                          dtype: str = "auto") -> list[list[int]]:
+    llm = LLM(str(folder), kv_cache_memory="8MiB", quantization=quantization, dtype=dtype)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     return [o.outputs[0].token_ids for o in outputs]
 
 
-def torchrun(folder, n: int, prompts=PROMPTS) -> list[list[int]]:
+def torchrun(folder, n: int, prompts=PROMPTS, quantization: str = "", dtype: str = "auto") -> list[list[int]]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     from llminfer.parallel.launch import free_port
 
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
                              "--master-port", str(free_port()), str(HELPER), str(folder), json.dumps(prompts),
-                             str(n)], capture_output=True, text=True, timeout=600, env=env)
+                             str(n), quantization, dtype], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[:3000]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -63,10 +73,14 @@ def test_torchrun_greedy_equals_one_process(gqa_folder, n):
 def test_shard_plan_splits_heads_and_replicates_kv_heads_when_fewer_than_ranks():
     config = ModelConfig("llama", 256, 64, 128, 2, 8, 2, 8, 128)
     plans = [ShardPlan(config, r, 4) for r in range(4)]
-    assert [p.split("model.layers.0.self_attn.q_proj.weight").start for p in plans] == [0, 16, 32, 48]
-    assert [p.split("model.layers.0.self_attn.k_proj.weight").start for p in plans] == [0, 0, 8, 8]
+    assert [p.split("model.layers.0.self_attn.q_proj.weight").ranges for p in plans] == [
+        ((0, 16),), ((16, 16),), ((32, 16),), ((48, 16),)]
+    assert [p.split("model.layers.0.self_attn.k_proj.weight").ranges for p in plans] == [((0, 8),)] * 2 + [((8, 8),)] * 2
     assert plans[1].split("model.layers.0.mlp.down_proj.weight").axis == 1
     assert plans[1].split("model.norm.weight").axis is None
+    # a quantized checkpoint's fused q|k|v rows: rank 3 takes query rows 48..64, KV head 1 of k (64 + 8) and v (80 + 8)
+    assert plans[3].split("model.layers.0.self_attn.qkv_proj.scales").ranges == ((48, 16), (72, 8), (88, 8))
+    assert plans[1].split("model.layers.0.mlp.gate_up_proj.qweight").ranges == ((32, 32), (160, 32))
     assert plans[0].rank_config.num_key_value_heads == 1 and plans[0].rank_config.num_attention_heads == 2
 
 
@@ -77,6 +91,59 @@ def test_sizes_that_do_not_divide_the_model_are_refused_with_the_valid_ones():
         check_tp_size(smollm2, 2)
     with pytest.raises(ConfigError, match="needs 2 processes"):
         LLM("smollm2-135m", tensor_parallel_size=2)
+
+
+def test_quantized_shard_plan_splits_int4_along_groups_and_replicates_channel_scales():
+    from llminfer.quantization.config import QuantizationConfig
+
+    config = ModelConfig("llama", 256, 64, 128, 2, 8, 2, 8, 128)
+    int4 = ShardPlan(config, 1, 2, QuantizationConfig("a16w4", group_size=32))
+    assert int4.split("model.layers.0.self_attn.o_proj.qweight").ranges == ((16, 16),)  # columns 32..64, 2 per byte
+    assert int4.split("model.layers.0.self_attn.o_proj.scales").ranges == ((1, 1),)  # group 1 of 2
+    assert int4.split("model.layers.0.mlp.down_proj.zeros").ranges == ((2, 2),)
+    int8 = ShardPlan(config, 1, 2, QuantizationConfig("a8w8", algorithm="smoothquant", smoothing=True))
+    assert int8.split("model.layers.0.mlp.down_proj.scales").axis is None  # one per output channel
+    assert int8.split("model.layers.0.mlp.down_proj.smooth").ranges == ((64, 64),)
+    assert int8.split("lm_head.qweight").ranges == ((128, 128),)
+    with pytest.raises(ConfigError, match=r"size 4 does not divide its row-parallel projections into whole int4 "
+                                          r"groups of 32 \(valid sizes: 1, 2\)"):
+        ShardPlan(config, 0, 4, QuantizationConfig("a16w4", group_size=32))
+
+
+@pytest.fixture(scope="module", params=["a16w8", "a16w4", "a8w8"])
+def quantized_folder(request, kv2_folder, tmp_path_factory):
+    """The 8-head model quantized in float32 compute (so that only the split, not bf16 rounding, is tested):
+    A16W8, A16W4 group 32 by GPTQ, A8W8 with SmoothQuant factors."""
+    from llminfer.model.auto import AutoModel
+    from llminfer.quantization import PTQConfig, quantizer_for, save_quantized
+
+    settings = {"a16w8": {}, "a16w4": {"group_size": 32, "algorithm": "gptq"},
+                "a8w8": {"algorithm": "smoothquant"}}[request.param]
+    quantizer = quantizer_for(PTQConfig.for_scheme(request.param, compute_dtype="float32", **settings))
+    model = AutoModel.from_pretrained(kv2_folder)
+    quantizer.apply(model, calibration=[list(range(i, i + 64)) for i in range(0, 192, 64)])
+    quantizer.convert(model)
+    return save_quantized(model, tmp_path_factory.mktemp(f"tp-{request.param}") / "q")
+
+
+def test_quantized_model_on_two_ranks_equals_one_unsharded_and_pre_sharded(quantized_folder, tmp_path):
+    from llminfer.loading.hf_folder import HFFolderCheckpoint
+    from llminfer.parallel.shard import ShardedCheckpoint, merge_shards, shard_checkpoint
+
+    one = single_process_tokens(quantized_folder)
+    assert torchrun(quantized_folder, 2) == one
+    shard_checkpoint(str(quantized_folder), tmp_path / "tp2", 2)
+    merged, original = merge_shards(tmp_path / "tp2"), dict(HFFolderCheckpoint(quantized_folder).named_tensors())
+    assert merged.keys() == original.keys() and all(torch.equal(merged[k], original[k]) for k in original)
+    assert ShardedCheckpoint(tmp_path / "tp2").quantization_config() == HFFolderCheckpoint(
+        quantized_folder).quantization_config()
+    assert torchrun(tmp_path / "tp2", 2) == one
+
+
+def test_quantization_at_load_on_two_ranks_equals_one(kv2_folder):    # int4 groups never straddle ranks, so each rank quantizes exactly the slice that one process would
+    # (float32 compute: bf16 partial sums would round differently from one whole matmul)
+    assert torchrun(kv2_folder, 2, quantization="a16w4", dtype="float32") == single_process_tokens(
+        kv2_folder, quantization="a16w4", dtype="float32")
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -92,6 +159,21 @@ def test_cli_tensor_parallel_generate_equals_one_process(tiny_chat_folder):
     assert two.stdout == one.stdout and one.stdout.strip()
     bad = run_cli("generate", "--model", str(tiny_chat_folder), "--tp", "3", "hi")
     assert bad.returncode != 0 and "tensor parallel size 3 does not divide its 4 attention heads" in bad.stderr
+
+
+def test_cli_perplexity_and_bench_latency_on_two_ranks(tiny_chat_folder):
+    model = str(tiny_chat_folder)
+    scores = [run_cli("perplexity", "--model", model, "--max-tokens", "600", "--context-len", "128", "--json",
+                      "--tp", str(n)) for n in (1, 2)]
+    assert all(r.returncode == 0 for r in scores), scores[1].stderr[-2000:]
+    one, two = (json.loads(r.stdout) for r in scores)
+    assert two["windows"] == one["windows"] == 5 and two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+    bench = run_cli("bench", "latency", "--model", model, "--input-len", "16", "--output-len", "8", "--iters", "1",
+                    "--tp", "2", "--json")
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert json.loads(bench.stdout)["results"][0]["decode_tokens_per_s"] > 0
+    refused = run_cli("bench", "latency", "--model", model, "--compare-with", model, "--tp", "2")
+    assert refused.returncode == 2 and "run each model with --tensor-parallel-size on its own" in refused.stderr
 
 
 def test_killing_a_rank_stops_every_process_with_an_error_naming_it(tmp_path):

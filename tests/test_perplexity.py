@@ -52,8 +52,11 @@ def test_perplexity_cli_errors_are_one_line(tmp_path, tiny_chat_folder):
     assert_one_line_error(result, "missing.txt", "not found")
     text = tmp_path / "one.txt"
     text.write_text("a")
-    result = run_cli("perplexity", "--model", str(tiny_chat_folder), "--text-file", str(text))
+    result = run_cli("perplexity", "--model", str(tiny_chat_folder), "--text-file", str(text), "--context-len", "64")
     assert_one_line_error(result, "nothing to score")
+    result = run_cli("perplexity", "--model", str(tiny_chat_folder), "--context-len", "256")
+    assert_one_line_error(result, "--context-len 256 does not fit the model's context of 256 tokens",
+                          "--context-len 255 or less")
     ok = run_cli("perplexity", "--model", str(tiny_chat_folder), "--max-tokens", "300", "--context-len", "128",
                  "--json")
     assert ok.returncode == 0, ok.stderr

@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="llminfer: %(message)s")
+    parallel = getattr(args, "tensor_parallel_size", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if parallel and (getattr(args, "compare_with", None) or getattr(args, "compare", None) == "hf"):
+        parser.error("--compare-with / --compare hf measure several models in one process: run each model with "
+                     "--tensor-parallel-size on its own")
     if getattr(args, "tensor_parallel_size", 1) > 1 and "WORLD_SIZE" not in os.environ:
         from llminfer.parallel.launch import launch
 

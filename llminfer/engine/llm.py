@@ -14,7 +14,7 @@ from llminfer.errors import InvalidSamplingParamsError, TokenizerError
 from llminfer.kv_cache import KVCacheStats
 from llminfer.loading import open_checkpoint
 from llminfer.loading.default_models import DEFAULT_MODEL
-from llminfer.model.auto import load_model
+from llminfer.model.auto import load_model, load_time_quantization
 from llminfer.parallel.sharding import ShardPlan
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class LLM:
         self.model_config = checkpoint.config
         rank, world = _parallel_rank(tensor_parallel_size, device)
         self.tensor_parallel_size = world
-        plan = ShardPlan(checkpoint.config, rank, world) if world > 1 else None
+        plan = (ShardPlan(checkpoint.config, rank, world, load_time_quantization(checkpoint, quantization))
+                if world > 1 else None)
         self.model = load_model(checkpoint, dtype, device, quantization, plan)
         self.config = replace(self.config, dtype=str(self.model.dtype).replace("torch.", ""))
         self.tokenizer = self.model.tokenizer

@@ -84,49 +84,50 @@ def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
     their packed weights loaded directly: no float weight of a quantized layer is ever created. With a shard
     plan, this rank's share of the network, reading only its slice of each tensor."""
     stored = checkpoint.quantization_config()
-    if shard_plan is not None:
-        if stored is not None or quantization:
-            raise ConfigError(f"{checkpoint.name}: tensor parallelism does not support quantized models yet")
-        return _load_shard(checkpoint, _dtype("float32" if dtype == "auto" else dtype), device, shard_plan)
     if stored is not None and quantization not in (None, stored.scheme):
         raise ConfigError(f"{checkpoint.name}: the checkpoint is quantized as {stored.describe()}; "
                           f"quantization '{quantization}' conflicts with it (omit the flag, or quantize the float "
                           "checkpoint instead)")
     if dtype == "auto":
         dtype = stored.compute_dtype if stored else "bfloat16" if quantization else "float32"
+    config, tensors = checkpoint.config, None
+    if shard_plan is not None:  # this rank's heads, MLP width and vocabulary slice; only its slices are read
+        config = replace(shard_plan.rank_config, vocab_size=shard_plan.config.vocab_size // shard_plan.world_size)
+        if hasattr(checkpoint, "rank_tensors"):  # sharded offline: this rank's files hold exactly its slices
+            tensors = checkpoint.rank_tensors(shard_plan.rank, shard_plan.world_size)
+        else:
+            tensors = ((name, shard_plan.shard(name, tensor)) for name, tensor in checkpoint.named_tensors())
+    tensors = tensors if tensors is not None else checkpoint.named_tensors()
     if stored is not None:
-        network = build_model(checkpoint.config, _dtype(dtype), device, replace(stored, compute_dtype=dtype))
-        network.load_weights(checkpoint.named_tensors(), source=checkpoint.name)
+        network = build_model(config, _dtype(dtype), device, replace(stored, compute_dtype=dtype))
+        network.load_weights(tensors, source=checkpoint.name)
     else:
         # Float weights are loaded in float32 when they are about to be quantized: rounding happens once.
-        network = build_model(checkpoint.config, torch.float32 if quantization else _dtype(dtype), device)
-        network.load_weights(checkpoint.named_tensors(), source=checkpoint.name)
+        network = build_model(config, torch.float32 if quantization else _dtype(dtype), device)
+        network.load_weights(tensors, source=checkpoint.name)
         if quantization:
             from llminfer.quantization import PTQConfig, RTN
 
             group_size = ON_THE_FLY_GROUP_SIZE if quantization == "a16w4" else None
             RTN(PTQConfig.for_scheme(quantization, group_size=group_size, compute_dtype=dtype)).convert(network)
-    network.tokenizer = checkpoint.tokenizer()
-    return network
+    if shard_plan is not None:
+        from llminfer.parallel.layers import parallelize
 
-
-def _load_shard(checkpoint: Checkpoint, dtype: torch.dtype, device: str, plan: ShardPlan) -> CausalLM:
-    from llminfer.parallel.layers import parallelize
-
-    vocab_slice = plan.config.vocab_size // plan.world_size
-    network = build_model(replace(plan.rank_config, vocab_size=vocab_slice), dtype, device)
-    parallelize(network, plan)
-    network.config = plan.rank_config  # the engine sees the whole vocabulary and this rank's KV heads
-    if hasattr(checkpoint, "rank_tensors"):  # sharded offline: this rank's files hold exactly its slices
-        tensors = checkpoint.rank_tensors(plan.rank, plan.world_size)
-    else:
-        tensors = ((name, plan.shard(name, tensor)) for name, tensor in checkpoint.named_tensors())
-    network.load_weights(tensors, source=checkpoint.name)
+        parallelize(network, shard_plan)
+        network.config = shard_plan.rank_config  # the engine sees the whole vocabulary and this rank's KV heads
     network.tokenizer = checkpoint.tokenizer()
     return network
 
 
 ON_THE_FLY_GROUP_SIZE = 32  # a16w4 quantized at load; other group sizes through `llminfer quantize`
+
+
+def load_time_quantization(checkpoint: Checkpoint, scheme: str | None) -> QuantizationConfig | None:
+    """How the loaded network's layers will be quantized: as stored, or as `scheme` asks at load."""
+    stored = checkpoint.quantization_config()
+    if stored is not None or not scheme:
+        return stored
+    return QuantizationConfig(scheme, group_size=ON_THE_FLY_GROUP_SIZE if scheme == "a16w4" else None)
 
 
 def _dtype(name: str) -> torch.dtype:

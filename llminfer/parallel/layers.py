@@ -58,28 +58,55 @@ class VocabParallelEmbedding(nn.Module):
         return out
 
 
-class GatheredLMHead(nn.Module):
-    """Logits for this rank's vocabulary slice, gathered from all ranks into the full vocabulary."""
+class RowParallelQuantized:
+    """Mixed into a quantized layer of a row-parallel projection: the partial products are all-reduced before
+    the bias is added (once). A8W8 quantizes each token with the maximum over the whole row, as one process
+    would: one more small all-reduce (a float per token)."""
 
-    def __init__(self, lm_head: Linear, world_size: int) -> None:
-        super().__init__()
-        self.weight = lm_head.weight
-        self.world_size = world_size
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        communication.run(dist.all_reduce, y)
+        return super()._add_bias(y)
+
+    def _row_absmax(self, flat: torch.Tensor) -> torch.Tensor:
+        absmax = super()._row_absmax(flat)
+        communication.run(dist.all_reduce, absmax, dist.ReduceOp.MAX)
+        return absmax
+
+
+class GatheredLMHead:
+    """Mixed into the LM head (float or quantized): logits for this rank's vocabulary slice, gathered from all
+    ranks into the full vocabulary."""
+
+    world_size: int
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight).contiguous()
+        local = super().forward(hidden).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         communication.run(dist.all_gather, parts, local)
         return torch.cat(parts, dim=-1)
 
 
+def _mix(module: nn.Module, mixin: type) -> None:
+    """Give `module` the mixin's behaviour in place: same object, same parameters and loaders."""
+    cls = type(module)
+    module.__class__ = _MIXED.setdefault((mixin, cls), type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {}))
+
+
+_MIXED: dict[tuple[type, type], type] = {}
+
+
 def parallelize(model: nn.Module, plan: ShardPlan) -> None:
-    """Swap the communicating layers into a network built from plan.rank_config (vocabulary sliced)."""
+    """Swap the communicating layers into a network built from plan.rank_config (vocabulary sliced);
+    float or quantized."""
+    from llminfer.quantization.layers import QuantizedLinear
+
     for name, module in model.named_modules():
-        if name.endswith((".o_proj", ".down_proj")) and type(module) is Linear:
-            module.__class__ = RowParallelLinear  # same parameters and loader, forward adds the all-reduce
+        if name.endswith((".o_proj", ".down_proj")):
+            if type(module) is Linear:
+                module.__class__ = RowParallelLinear  # same parameters and loader, forward adds the all-reduce
+            elif isinstance(module, QuantizedLinear):
+                _mix(module, RowParallelQuantized)
     rows = plan.config.vocab_size // plan.world_size
     model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, plan.rank * rows)
-    model.lm_head = GatheredLMHead(model.lm_head, plan.world_size)
-    if plan.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    _mix(model.lm_head, GatheredLMHead)
+    model.lm_head.world_size = plan.world_size

@@ -2,12 +2,13 @@
 
 DST holds the model config and tokenizer, `rank_0/ ... rank_{N-1}/` (safetensors, HF tensor names, each rank's
 slices) and `strategy.json`: for every tensor, its split axis (or "replicated"), its full shape and each rank's
-(start, length) along the axis, so the shards can be merged back bit for bit.
+(start, length) ranges along the axis (one per part of a fused q|k|v or gate|up projection), so the shards can be merged back bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +20,7 @@ from llminfer.errors import ConfigError, ModelFormatError
 from llminfer.loading.checkpoint import Checkpoint
 from llminfer.loading.hf_folder import OUR_CONFIG, HFFolderCheckpoint
 from llminfer.parallel.sharding import ShardPlan, check_tp_size
+from llminfer.quantization.config import MANIFEST_FILE, QuantizationConfig
 
 STRATEGY = "strategy.json"
 
@@ -29,13 +31,17 @@ def shard_checkpoint(source: str, destination: str | Path, world_size: int, dtyp
     from llminfer.loading.convert import staged_folder, write_manifest, write_model_files, write_shards
 
     checkpoint = open_checkpoint(source)
-    if isinstance(checkpoint, ShardedCheckpoint) or checkpoint.quantization_config() is not None:
-        raise ConfigError(f"{source}: shard reads unsharded float checkpoints")
-    check_tp_size(checkpoint.config, world_size, source)
-    if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"--dtype '{dtype}' is not supported (expected one of {', '.join(DTYPES)})")
-    target = DTYPES[dtype or checkpoint.config.torch_dtype]
-    plans = [ShardPlan(checkpoint.config, rank, world_size) for rank in range(world_size)]
+    if isinstance(checkpoint, ShardedCheckpoint):
+        raise ConfigError(f"{source}: is already sharded (for {checkpoint.tensor_parallel_size} ranks); "
+                          "shard the unsharded checkpoint")
+    quantization = checkpoint.quantization_config()
+    check_tp_size(checkpoint.config, world_size, source, quantization)
+    if dtype is not None and (quantization is not None or dtype not in DTYPES):
+        raise ConfigError(f"--dtype '{dtype}' is not supported " + (
+            "for a quantized checkpoint (its tensors keep their dtypes)" if quantization else
+            f"(expected one of {', '.join(DTYPES)})"))
+    target = None if quantization else DTYPES[dtype or checkpoint.config.torch_dtype]
+    plans = [ShardPlan(checkpoint.config, rank, world_size, quantization) for rank in range(world_size)]
     strategy: dict[str, dict] = {}
     with staged_folder(Path(destination), overwrite) as staging:
         for plan in plans:  # one pass over the source per rank: only one tensor is in memory at a time
@@ -44,26 +50,32 @@ def shard_checkpoint(source: str, destination: str | Path, world_size: int, dtyp
             folder.mkdir()
             write_shards(_rank_slices(checkpoint, plan, strategy, target), folder, max_shard_bytes, checkpoint.name)
         write_model_files(staging, checkpoint.config, checkpoint.tokenizer())
+        if quantization is not None:  # the manifest lists the full tensors; strategy.json gives each rank's share
+            shutil.copy(Path(source) / MANIFEST_FILE, staging / MANIFEST_FILE)
         (staging / STRATEGY).write_text(json.dumps({"format": "llminfer-tensor-parallel",
                                                     "tensor_parallel_size": world_size, "source": source,
                                                     "tensors": strategy}, indent=1))
         write_manifest(staging, {"source": source, "tensor_parallel_size": world_size,
-                                 "dtype": str(target).replace("torch.", ""), "num_tensors": len(strategy)})
+                                 "dtype": str(target).replace("torch.", "") if target else "as stored",
+                                 "quantization": quantization.describe() if quantization else None,
+                                 "num_tensors": len(strategy)})
     return Path(destination)
 
 
 def _rank_slices(checkpoint: Checkpoint, plan: ShardPlan, strategy: dict[str, dict],
-                 dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+                 dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     """One rank's slice of every tensor, recording each split in `strategy` on the way."""
     for name, tensor in checkpoint.named_tensors():
         if name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
             continue
         split = plan.split(name)
+        stored_dtype = str(dtype or tensor.dtype).replace("torch.", "")
         entry = strategy.setdefault(name, {"split": "replicated" if split.axis is None else split.axis,
-                                           "shape": list(tensor.shape), "ranks": []})
+                                           "shape": list(tensor.shape), "dtype": stored_dtype, "ranks": []})
         if split.axis is not None:
-            entry["ranks"].append([split.start, split.length])
-        yield name, plan.shard(name, tensor).to(dtype).clone()
+            entry["ranks"].append([list(r) for r in split.ranges])
+        part = split.take(tensor)
+        yield name, (part.to(dtype) if dtype is not None else part).clone()
 
 
 class ShardedCheckpoint(Checkpoint):
@@ -102,6 +114,14 @@ class ShardedCheckpoint(Checkpoint):
                               "original checkpoint again")
         return HFFolderCheckpoint(self.path / f"rank_{rank}").named_tensors()
 
+    def quantization_config(self) -> QuantizationConfig | None:
+        from llminfer.quantization.save import read_quantization_manifest
+
+        if not (self.path / MANIFEST_FILE).is_file():
+            return None
+        full_shapes = {name: (entry.get("dtype"), entry["shape"]) for name, entry in self.strategy["tensors"].items()}
+        return read_quantization_manifest(self.path, full_shapes)
+
     def tokenizer(self):
         from llminfer.tokenizer import Tokenizer
 
@@ -119,7 +139,11 @@ def merge_shards(path: str | Path) -> dict[str, torch.Tensor]:
             merged[name] = per_rank[0][name]
             continue
         full = torch.empty(entry["shape"], dtype=per_rank[0][name].dtype)
-        for rank, (start, length) in enumerate(entry["ranks"]):
-            full.narrow(entry["split"], start, length).copy_(per_rank[rank][name])
+        for rank, ranges in enumerate(entry["ranks"]):
+            offset = 0  # a fused projection's parts lie one after the other in the rank's tensor
+            for start, length in ranges:
+                piece = per_rank[rank][name].narrow(entry["split"], offset, length)
+                full.narrow(entry["split"], start, length).copy_(piece)
+                offset += length
         merged[name] = full
     return merged

@@ -81,10 +81,12 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
 
 
-def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [M, K] -> (q int8 [M, K], scale float32 [M, 1])."""
+def quantize_int8_per_token(x: torch.Tensor, absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (q int8 [M, K], scale float32 [M, 1]). `absmax` [M, 1]: each row's largest
+    magnitude when x is only a slice of the row (tensor parallelism); by default x's own."""
     x = x.float()
-    scale = (x.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=1e-12)
+    absmax = x.abs().amax(dim=-1, keepdim=True) if absmax is None else absmax
+    scale = (absmax / INT8_MAX).clamp(min=1e-12)
     return torch.round(x / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 

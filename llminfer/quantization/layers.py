@@ -210,12 +210,17 @@ class Int8DynamicLinear(QuantizedLinear):
         flat = self._flat(x).float()
         if self.smooth is not None:
             flat = flat / self.smooth
-        xq, x_scale = Q.quantize_int8_per_token(flat)
+        xq, x_scale = Q.quantize_int8_per_token(flat, self._row_absmax(flat))
         if xq.device.type == "cuda" and xq.shape[0] <= 16:  # the CUDA kernel needs more than 16 rows
             xq = F.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
         acc = torch._int_mm(xq, self.qweight.t())[: flat.shape[0]]  # [M, N] int32
         y = (acc.float() * x_scale * self.scales).to(x.dtype)
         return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+
+    def _row_absmax(self, flat: torch.Tensor) -> torch.Tensor:
+        """Each token's largest activation magnitude, which sets its int8 scale (a row-parallel rank sees
+        only part of the row and takes the maximum over all ranks)."""
+        return flat.abs().amax(dim=-1, keepdim=True)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"qweight": self.qweight, "scales": self.scales}
