@@ -116,7 +116,9 @@ class _CharDetokenizer:
 
 
 def _request(params: SamplingParams) -> Request:
-    return Request("r", "r", None, [0], params, frozenset({5}), detokenizer=_CharDetokenizer())
+    from llminfer.tokenizer.text_stream import TextStream
+
+    return Request("r", "r", None, [0], params, frozenset({5}), stream=TextStream(_CharDetokenizer(), params.stop))
 
 
 def test_stop_string_across_tokens_is_cut_and_never_streamed():

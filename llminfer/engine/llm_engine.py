@@ -21,6 +21,7 @@ from llminfer.errors import ConfigError, InvalidPromptError, PromptTooLongError
 from llminfer.kv_cache import KVCacheManager, KVCacheStats, PagedAttentionBackend, PagedKVCache
 from llminfer.model.base import CausalLM
 from llminfer.tokenizer import IncrementalDetokenizer, Tokenizer
+from llminfer.tokenizer.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +110,12 @@ class LLMEngine:
         generator = None
         if params.seed is not None:  # sample i of a seeded request draws from seed + i
             generator = torch.Generator(device=self.model.device).manual_seed(params.seed + index)
-        detokenizer = None
+        stream = None
         if self.tokenizer is not None:
-            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            stream = TextStream(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
+                                params.stop)
         request_id = group_id if index == 0 else f"{group_id}#{index}"
-        return Request(request_id, group_id, prompt_text, prompt_ids, params, stop_ids, generator, detokenizer,
+        return Request(request_id, group_id, prompt_text, prompt_ids, params, stop_ids, generator, stream,
                        sample_index=index)
 
     def abort(self, request_id: str) -> None:

@@ -10,7 +10,7 @@ import torch
 from llminfer.engine.outputs import CompletionOutput
 from llminfer.engine.sampler import TokenLogprob
 from llminfer.engine.sampling_params import SamplingParams
-from llminfer.tokenizer import IncrementalDetokenizer
+from llminfer.tokenizer.text_stream import TextStream
 
 
 class RequestStatus(enum.Enum):
@@ -31,7 +31,7 @@ class Request:
     params: SamplingParams
     stop_token_ids: frozenset[int]  # EOS/end-of-turn ids plus the params' own
     generator: torch.Generator | None = None
-    detokenizer: IncrementalDetokenizer | None = None
+    stream: TextStream | None = None  # the generated text (None: no tokenizer, ids only)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprob] | None = None  # one per output token when params.logprobs is set
     status: RequestStatus = RequestStatus.WAITING
@@ -39,8 +39,6 @@ class Request:
     sample_index: int = 0
     pending_forks: int = 0  # samples still to fork from this one once its first token is drawn
     num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
-    text: str = ""  # generated text so far, stop string cut off
-    _emitted: int = 0  # how much of `text` streaming has handed out
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -70,39 +68,26 @@ class Request:
             self.output_logprobs.append(logprob)
         if token_id in self.stop_token_ids:
             return self._finish("stop")
-        if self.detokenizer is not None:
-            self.text += self.detokenizer.add(token_id)
-            if self._cut_at_stop_string():
-                return self._finish("stop")
+        if self.stream is not None and self.stream.add(token_id):
+            return self._finish("stop")
         if len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
             self._finish("length")
-
-    def _cut_at_stop_string(self) -> bool:
-        if not self.params.stop:
-            return False
-        longest = max(len(s) for s in self.params.stop)
-        search_from = max(0, self._emitted - longest)  # a stop string may straddle old and new text
-        hits = [i for i in (self.text.find(s, search_from) for s in self.params.stop) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            return True
-        return False
 
     def abort(self) -> None:
         self.status, self.finish_reason = RequestStatus.FINISHED, "abort"
 
     def _finish(self, reason: str) -> None:
-        if reason == "length" and self.detokenizer is not None:
-            self.text += self.detokenizer.flush()
-            self._cut_at_stop_string()
+        if reason == "length" and self.stream is not None:
+            self.stream.flush()
         self.status, self.finish_reason = RequestStatus.FINISHED, reason
 
+    @property
+    def text(self) -> str:
+        return self.stream.text if self.stream is not None else ""
+
     def take_delta(self) -> str:
-        """Text not yet streamed, holding back a tail that could still become a stop string."""
-        hold = 0 if self.is_finished else max((len(s) - 1 for s in self.params.stop), default=0)
-        end = max(self._emitted, len(self.text) - hold)
-        delta, self._emitted = self.text[self._emitted:end], end
-        return delta
+        """Text not yet streamed (a tail that could still become a stop string is held back)."""
+        return self.stream.take_delta(self.is_finished) if self.stream is not None else ""
 
     def to_completion(self) -> CompletionOutput:
         return CompletionOutput(self.sample_index, self.text, list(self.output_token_ids), self.finish_reason,
