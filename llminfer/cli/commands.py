@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from llminfer.cli.main import model_options
+from llminfer.cli.main import model_options, sampling_params
 from llminfer.engine import LLM, SamplingParams
 
 
@@ -14,15 +14,6 @@ def _load(args: argparse.Namespace) -> LLM:
     if os.environ.get("RANK", "0") == "0":  # tensor-parallel followers stay quiet
         print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
     return LLM(args.model, **model_options(args))
-
-
-def _sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, stop=args.stop,
-        seed=args.seed,
-    )
 
 
 def _stream(llm: LLM, prompt, params: SamplingParams) -> str:
@@ -38,7 +29,7 @@ def _stream(llm: LLM, prompt, params: SamplingParams) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
-    params = _sampling_params(args)  # validate before the slow load
+    params = sampling_params(args)  # validate before the slow load
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _load(args)
     if args.chat:
@@ -49,7 +40,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    params = _sampling_params(args)
+    params = sampling_params(args)
     llm = _load(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -124,6 +115,17 @@ def convert(args: argparse.Namespace) -> int:
     destination = convert_checkpoint(args.source, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                                      overwrite=args.overwrite)
     print(f"converted {args.source} -> {destination} ({args.dtype})")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from llminfer.export.onnx import export_onnx
+
+    destination = export_onnx(args.source, args.output, dtype=args.dtype, opset=args.opset,
+                              quantization=args.quantization, overwrite=args.overwrite)
+    print(f"exported {args.source} -> {destination} (onnx, {args.dtype}"
+          f"{', ' + args.quantization if args.quantization else ''}); run it with: "
+          f"llminfer-lite generate --model {destination} PROMPT")
     return 0
 
 

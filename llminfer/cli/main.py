@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate text from a prompt (streamed)")
     _model_arguments(generate)
-    _sampling_arguments(generate)
+    add_sampling_arguments(generate)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--system", help="system message, with --chat")
     generate.add_argument("prompt", help="the prompt text ('-' reads standard input)")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="interactive chat (/reset clears history, /exit or Ctrl-D quits)")
     _model_arguments(chat)
-    _sampling_arguments(chat)
+    add_sampling_arguments(chat)
     chat.add_argument("--system", help="system message")
     chat.set_defaults(handler=_lazy("llminfer.cli.commands", "chat"))
 
@@ -75,12 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     shard = commands.add_parser("shard", help="split a checkpoint per tensor-parallel rank, offline")
     shard.add_argument("source", help="HF model folder, .gguf file, converted folder, hub id or alias")
-    shard.add_argument("--tp", "--tensor-parallel-size", dest="ranks", type=_positive, required=True,
+    shard.add_argument("--tp", "--tensor-parallel-size", dest="ranks", type=positive_int, required=True,
                        help="number of ranks to split for")
     shard.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")
     shard.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
     shard.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     shard.set_defaults(handler=_lazy("llminfer.cli.commands", "shard"))
+
+    export = commands.add_parser("export", help="export to ONNX for the lite runtime (llminfer-lite, no PyTorch)")
+    export.add_argument("source", help="HF model folder, .gguf file, converted or A16W8-quantized folder, alias")
+    export.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")
+    export.add_argument("--format", default="onnx", choices=["onnx"])
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    export.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (17 to 23; default 18)")
+    export.add_argument("--quantization", choices=["a16w8"],
+                        help="quantize a float checkpoint (round-to-nearest) before exporting")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    export.set_defaults(handler=_lazy("llminfer.cli.commands", "export"))
 
     quantize = commands.add_parser("quantize", help="post-training quantization of a float checkpoint")
     quantize.add_argument("source", help="HF model folder, .gguf file, converted folder, hub id or alias")
@@ -92,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "smoothquant: activation-outlier migration (a8w8, calibrated)")
     quantize.add_argument("--calibration", help="UTF-8 text file for calibration (default: Python's stdlib "
                                                 "docstrings, never the perplexity text)")
-    quantize.add_argument("--calibration-tokens", type=_positive, default=16384)
+    quantize.add_argument("--calibration-tokens", type=positive_int, default=16384)
     quantize.add_argument("--smoothquant-alpha", type=float, default=0.5)
     quantize.add_argument("--kv-cache-dtype", choices=["int8"], help="record an int8 KV cache as the default")
     quantize.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
@@ -103,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = commands.add_parser("perplexity", help="perplexity over a text (default: Python's pydoc topics)")
     _model_arguments(ppl)
     ppl.add_argument("--text-file", help="UTF-8 text to score (default: pydoc_data.topics, shipped with Python)")
-    ppl.add_argument("--context-len", type=_positive, default=512, help="tokens per scored window")
-    ppl.add_argument("--max-tokens", type=_positive, help="score only the first N tokens of the text")
+    ppl.add_argument("--context-len", type=positive_int, default=512, help="tokens per scored window")
+    ppl.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the text")
     ppl.add_argument("--json", action="store_true", help="print JSON instead of a line")
     ppl.set_defaults(handler=_lazy("llminfer.perplexity", "perplexity_command"))
 
@@ -114,12 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LLMINFER_API_KEY)")
     serve.add_argument("--served-model-name", help="the model id clients send (default: --model)")
-    serve.add_argument("--max-queued", type=_positive, default=256,
+    serve.add_argument("--max-queued", type=positive_int, default=256,
                        help="waiting requests beyond this are answered 503 with Retry-After")
-    serve.add_argument("--max-num-seqs", type=_positive, default=64, help="requests in one running batch")
-    serve.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens per engine step")
+    serve.add_argument("--max-num-seqs", type=positive_int, default=64, help="requests in one running batch")
+    serve.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="tokens per engine step")
     serve.add_argument("--no-prefix-caching", action="store_true")
-    serve.add_argument("--max-n", type=_positive, default=16, help="largest 'n' (choices per request) accepted")
+    serve.add_argument("--max-n", type=positive_int, default=16, help="largest 'n' (choices per request) accepted")
     serve.add_argument("--max-body-size", type=_size, default="4MB", help="larger request bodies get 413")
     serve.add_argument("--drain-timeout", type=float, default=300.0,
                        help="seconds SIGTERM waits for requests in flight before exiting")
@@ -129,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
     latency = bench_kinds.add_parser("latency", help="prefill tokens/s, decode tokens/s and time to first token")
     _model_arguments(latency)
-    latency.add_argument("--input-len", type=_positive, default=128)
-    latency.add_argument("--output-len", type=_positive, default=64)
-    latency.add_argument("--batch-size", type=_positive, default=1)
-    latency.add_argument("--iters", type=_positive, default=3, help="timed repetitions (median reported)")
+    latency.add_argument("--input-len", type=positive_int, default=128)
+    latency.add_argument("--output-len", type=positive_int, default=64)
+    latency.add_argument("--batch-size", type=positive_int, default=1)
+    latency.add_argument("--iters", type=positive_int, default=3, help="timed repetitions (median reported)")
     latency.add_argument("--compare", choices=["hf"], help="also run Hugging Face transformers on the same weights")
     latency.add_argument("--compare-with", nargs="+", default=[], metavar="MODEL",
                          help="also measure these models (e.g. quantized folders) with the same prompts; ratios are "
@@ -141,25 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     latency.set_defaults(handler=_lazy("llminfer.bench", "latency_command"))
     throughput = bench_kinds.add_parser("throughput", help="requests/s and tokens/s of a many-request workload")
     _model_arguments(throughput)
-    throughput.add_argument("--num-prompts", type=_positive, default=64)
-    throughput.add_argument("--input-len", type=_positive, default=128)
-    throughput.add_argument("--output-len", type=_positive, default=128)
+    throughput.add_argument("--num-prompts", type=positive_int, default=64)
+    throughput.add_argument("--input-len", type=positive_int, default=128)
+    throughput.add_argument("--output-len", type=positive_int, default=128)
     throughput.add_argument("--prefix-len", type=int, default=0, help="tokens shared by every prompt, before its own")
-    throughput.add_argument("--max-num-seqs", type=_positive, default=64)
+    throughput.add_argument("--max-num-seqs", type=positive_int, default=64)
     throughput.add_argument("--no-prefix-caching", action="store_true")
     throughput.add_argument("--compare", choices=["hf"], help="also run transformers' batched generate")
-    throughput.add_argument("--hf-batch-size", type=_positive, default=64, help="prompts per transformers batch")
+    throughput.add_argument("--hf-batch-size", type=positive_int, default=64, help="prompts per transformers batch")
     throughput.add_argument("--json", action="store_true", help="print JSON instead of a table")
     throughput.set_defaults(handler=_lazy("llminfer.bench", "throughput_command"))
     serve_bench = bench_kinds.add_parser("serve", help="load a running server with streaming requests")
     serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     serve_bench.add_argument("--model", help="model id to send (default: whatever the server serves)")
     serve_bench.add_argument("--api-key", help="bearer token, if the server needs one")
-    serve_bench.add_argument("--num-prompts", type=_positive, default=64)
-    serve_bench.add_argument("--concurrency", type=_positive, default=32, help="requests in flight at once")
-    serve_bench.add_argument("--input-len", type=_positive, default=128)
-    serve_bench.add_argument("--output-len", type=_positive, default=128)
-    serve_bench.add_argument("--vocab-size", type=_positive, default=49152,
+    serve_bench.add_argument("--num-prompts", type=positive_int, default=64)
+    serve_bench.add_argument("--concurrency", type=positive_int, default=32, help="requests in flight at once")
+    serve_bench.add_argument("--input-len", type=positive_int, default=128)
+    serve_bench.add_argument("--output-len", type=positive_int, default=128)
+    serve_bench.add_argument("--vocab-size", type=positive_int, default=49152,
                              help="range of the random prompt token ids (default: the default model's vocabulary, "
                                   "so the prompts equal bench throughput's)")
     serve_bench.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -173,7 +184,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="compute dtype (auto: float32, or bfloat16 for quantized models)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--max-model-len", type=_positive, help="cap on prompt + generated tokens")
+    parser.add_argument("--max-model-len", type=positive_int, help="cap on prompt + generated tokens")
     parser.add_argument("--kv-cache-memory", help="KV cache budget: a size (2GiB, 512MB) or a fraction of free "
                                                   "memory (0.3); default: a tenth of free RAM up to 2GiB on CPU")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
@@ -182,7 +193,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=["a16w8", "a16w4", "a8w8"],
                         help="quantize a float checkpoint at load (round-to-nearest; a16w4 uses groups of 32); "
                              "for GPTQ, SmoothQuant or other group sizes use `llminfer quantize`")
-    parser.add_argument("--tensor-parallel-size", "--tp", type=_positive, default=1,
+    parser.add_argument("--tensor-parallel-size", "--tp", type=positive_int, default=1,
                         help="run as N processes that each hold 1/N of the weights and KV cache (started here; "
                              "or start them with torchrun --nproc-per-node N -m llminfer ...)")
 
@@ -195,7 +206,7 @@ def model_options(args: argparse.Namespace) -> dict:
             "quantization": args.quantization, "tensor_parallel_size": max(args.tensor_parallel_size, world)}
 
 
-def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", "-n", type=int, default=256)
     parser.add_argument("--temperature", "-t", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=40)
@@ -209,6 +220,18 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
 
 
+def sampling_params(args: argparse.Namespace):
+    """The SamplingParams that add_sampling_arguments describe (validated: a bad value is a one-line error)."""
+    from llminfer.engine.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, stop=args.stop,
+        seed=args.seed,
+    )
+
+
 def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
     # Import torch and friends only for the command that runs: `llminfer --help` stays instant.
     def run(args: argparse.Namespace) -> int:
@@ -219,7 +242,7 @@ def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:

@@ -8,7 +8,6 @@ into place at the end, so a failure leaves nothing half-written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 
 from llminfer.config import DTYPES
 from llminfer.errors import ConfigError, ModelFormatError
+from llminfer.hashing import file_sha256
 from llminfer.loading.hf_folder import MANIFEST, OUR_CONFIG
 from llminfer.loading.resolve import open_checkpoint
 
@@ -132,11 +132,7 @@ def write_manifest(folder: Path, fields: dict) -> None:
     """manifest.json: every file with its size and sha256, plus what produced the folder."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     manifest = {"format": "llminfer", "format_version": FORMAT_VERSION, **fields,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-from llminfer.errors import ModelNotFoundError
+from llminfer.errors import ModelFormatError, ModelNotFoundError
 from llminfer.loading.checkpoint import Checkpoint
 from llminfer.loading.default_models import ALIASES, fetch_alias
 from llminfer.loading.gguf_file import GGUFCheckpoint
@@ -26,6 +26,9 @@ def open_checkpoint(model: str) -> Checkpoint:
             return GGUFCheckpoint(path)
         raise ModelNotFoundError(f"{path}: expected a .gguf file or a model folder")
     if path.is_dir():
+        if (path / "export.json").is_file():
+            raise ModelFormatError(f"{path}: is an ONNX export; run it with `llminfer-lite generate --model {path} ...` "
+                                   "(or give the folder it was exported from)")
         if (path / "strategy.json").is_file():
             from llminfer.parallel.shard import ShardedCheckpoint
 
