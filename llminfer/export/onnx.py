@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -130,7 +131,9 @@ def _export_graph(step: DecoderStep, path: Path, names: tuple[list[str], list[st
     cache = {0: batch, 2: past}
     dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: total},
                "position_ids": {0: batch, 1: sequence}, "past": tuple(cache for _ in inputs[3:])}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.onnx reports that the cache axes share one name, which is what is meant
+        warnings.filterwarnings("ignore", message=".*The axis name.*will not be used")
         program = torch.onnx.export(step, sample_inputs(step, batch=2, new=3, past=4), dynamo=True,
                                     input_names=inputs, output_names=outputs, dynamic_shapes=dynamic,
                                     opset_version=opset, verbose=False, optimize=False)
