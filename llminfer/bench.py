@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -86,6 +87,37 @@ def measure_llminfer(llm, prompts: list[list[int]], output_len: int, iters: int,
     return _median_result(label, runs, sum(map(len, prompts)), output_len * len(prompts))
 
 
+def measure_lite(folder: str, prompts: list[list[int]], output_len: int, iters: int,
+                 log: Callable[[str], None]) -> LatencyResult:
+    """An `llminfer export` folder on the lite runtime (onnxruntime), prompts one after another."""
+    from llminfer.engine import SamplingParams
+    from llminfer.lite import LiteModel
+
+    model = LiteModel(folder, threads=torch.get_num_threads())
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+    def run() -> tuple[float, float]:
+        ttft = decode = 0.0
+        for prompt in prompts:
+            start = time.perf_counter()
+            steps = model.stream(prompt, params)
+            next(steps)  # prefill + first token
+            first = time.perf_counter()
+            for _ in steps:
+                pass
+            ttft, decode = ttft + first - start, decode + time.perf_counter() - first
+        return ttft, decode
+
+    run()
+    runs = []
+    for i in range(iters):
+        runs.append(run())
+        log(f"lite run {i + 1}/{iters}: ttft {runs[-1][0] * 1e3:.0f} ms, decode {runs[-1][1]:.2f} s")
+    label = f"{folder} [onnxruntime, {model.manifest['dtype']}" + (
+        f", {model.manifest['quantization']}]" if model.manifest.get("quantization") else "]")
+    return _median_result(label, runs, sum(map(len, prompts)), output_len * len(prompts))
+
+
 def measure_transformers(model_path: str, dtype: str, device: str, prompts: list[list[int]], output_len: int,
                          iters: int, log: Callable[[str], None]) -> LatencyResult:
     import inspect
@@ -123,7 +155,6 @@ def load_transformers_model(model: str, dtype: str, device: str):
         from llminfer.errors import LLMInferError
 
         raise LLMInferError("--compare hf needs transformers (pip install transformers accelerate gguf)") from None
-    from pathlib import Path
 
     from llminfer.loading import open_checkpoint
 
@@ -147,9 +178,12 @@ def latency_command(args: argparse.Namespace) -> int:
                             generator=generator).tolist()
     first_label = _label(llm, args.model) if args.compare_with else "llminfer"
     results = [measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=first_label)]
-    for other in args.compare_with:  # e.g. quantized folders of the same model, measured in this run
-        del llm
+    for other in args.compare_with:  # quantized folders or ONNX exports of the same model, measured in this run
         log(f"loading {other}")
+        if (Path(other) / "export.json").is_file():
+            results.append(measure_lite(other, prompts, args.output_len, args.iters, log))
+            continue
+        del llm
         llm = LLM(other, **{**model_options(args), "dtype": "auto", "quantization": None},
                   max_num_seqs=args.batch_size)
         results.append(measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=_label(llm, other)))

@@ -249,3 +249,19 @@ def test_smollm2_export_float32_and_a16w8_match_the_engine(smollm2_llm, tmp_path
                                                                      quantization="a16w8", dtype="float32")
     sizes = [sum(p.stat().st_size for p in f.iterdir()) for f in (float_export, int8_export)]
     assert sizes[1] < 0.45 * sizes[0]
+
+
+def test_lite_bench_and_engine_bench_compare_with_an_export(tiny_llama_folder, exported_llama):
+    from test_cli import run_cli
+
+    lite = run_lite("bench", "--model", str(exported_llama), "--input-len", "16", "--output-len", "8", "--iters", "1",
+                    "--json")
+    assert lite.returncode == 0, lite.stderr
+    report = json.loads(lite.stdout)
+    assert report["backend"] == "onnxruntime" and report["decode_tokens_per_s"] > 0 and report["folder_mb"] > 0
+    both = run_cli("bench", "latency", "--model", str(tiny_llama_folder), "--compare-with", str(exported_llama),
+                   "--input-len", "16", "--output-len", "8", "--iters", "1", "--json")
+    assert both.returncode == 0, both.stderr
+    report = json.loads(both.stdout)
+    assert "onnxruntime" in report["results"][1]["engine"] and report["results"][1]["decode_tokens_per_s"] > 0
+    assert set(report["ratio_vs_first"]) == {report["results"][1]["engine"]}
