@@ -4,8 +4,9 @@ The public names are imported on first use, so that `llminfer.lite` (onnxruntime
 same package without importing torch.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from llminfer._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -16,14 +17,11 @@ _EXPORTS = {"LLM": "llminfer.engine.llm", "RequestOutput": "llminfer.engine.outp
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from llminfer.config import EngineConfig, ModelConfig
-    from llminfer.engine import LLM, RequestOutput, SamplingParams
-    from llminfer.errors import LLMInferError
-    from llminfer.model import AutoModel
-    from llminfer.tokenizer import Tokenizer
+    from llminfer.config import EngineConfig, ModelConfig  # noqa: F401 (re-exported)
+    from llminfer.engine import LLM, RequestOutput, SamplingParams  # noqa: F401 (re-exported)
+    from llminfer.errors import LLMInferError  # noqa: F401 (re-exported)
+    from llminfer.model import AutoModel  # noqa: F401 (re-exported)
+    from llminfer.tokenizer import Tokenizer  # noqa: F401 (re-exported)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'llminfer' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -153,8 +153,8 @@ def test_a16w8_export_matches_the_engines_a16w8_and_is_smaller(tiny_llama_folder
 
 
 def test_export_refuses_unsupported_models_and_leaves_nothing_behind(tiny_llama_folder, tmp_path, monkeypatch):
-    from llminfer.quantization import PTQConfig, RTN, save_quantized
     from llminfer.model.auto import AutoModel
+    from llminfer.quantization import RTN, PTQConfig, save_quantized
 
     model = AutoModel.from_pretrained(tiny_llama_folder)
     RTN(PTQConfig.for_scheme("a16w4", group_size=32)).convert(model)
@@ -187,9 +187,9 @@ def test_cli_export_errors_are_one_line(tiny_llama_folder, tmp_path):
 
 
 def test_lite_refuses_corrupt_or_mismatched_folders(tiny_llama_folder, exported_llama, tmp_path):
-    from llminfer.lite import LiteModel
-
     from test_cli import assert_one_line_error, run_cli
+
+    from llminfer.lite import LiteModel
 
     source, exported = tiny_llama_folder, exported_llama
 

@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         from llminfer.parallel.launch import launch
 
         return launch(argv, args.tensor_parallel_size)
+    return run_handler(args, "llminfer")
+
+
+def run_handler(args: argparse.Namespace, program: str) -> int:
+    """Run the chosen command: our errors become one line on stderr and exit code 2 (--debug: a traceback)."""
     try:
         return args.handler(args) or 0
     except KeyboardInterrupt:
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LLMInferError, OSError) as exc:
         if args.debug:
             raise
-        print(f"llminfer: error: {exc}", file=sys.stderr)
+        print(f"{program}: error: {exc}", file=sys.stderr)
         return 2
 
 

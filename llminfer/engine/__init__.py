@@ -3,20 +3,18 @@
 Imported on first use: `SamplingParams` needs no PyTorch, and the lite runtime uses it.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from llminfer._lazy import lazy_attributes
 
 _EXPORTS = {"LLM": "llminfer.engine.llm", "RequestOutput": "llminfer.engine.outputs",
             "SamplingParams": "llminfer.engine.sampling_params"}
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from llminfer.engine.llm import LLM
-    from llminfer.engine.outputs import RequestOutput
-    from llminfer.engine.sampling_params import SamplingParams
+    from llminfer.engine.llm import LLM  # noqa: F401 (re-exported)
+    from llminfer.engine.outputs import RequestOutput  # noqa: F401 (re-exported)
+    from llminfer.engine.sampling_params import SamplingParams  # noqa: F401 (re-exported)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'llminfer.engine' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

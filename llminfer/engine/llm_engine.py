@@ -51,7 +51,7 @@ class LLMEngine:
         self._ids = itertools.count()
 
     def _num_kv_blocks(self) -> int:
-        cfg, config = self.model.config, self.config
+        config = self.config
         per_block = kv_block_bytes(config, self.model)
         budget = config.kv_cache_bytes()
         # More than max_num_seqs full contexts could never be used.

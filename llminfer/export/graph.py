@@ -49,7 +49,7 @@ class DecoderStep(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cfg, net = self.config, self.model.model
+        net = self.model.model
         batch, new = input_ids.shape
         hidden = net.embed_tokens(input_ids)  # [B, S, H]
         past_len = attention_mask.shape[1] - new

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from llminfer.errors import ConfigError, UnsupportedModelError
-from llminfer.hashing import file_sha256
-from llminfer.lite.model import EXPORT_FORMAT, EXPORT_MANIFEST
 from llminfer.export.graph import EXPORTABLE_SCHEMES, DecoderStep
+from llminfer.files import file_sha256
+from llminfer.lite.model import EXPORT_FORMAT, EXPORT_MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,8 @@ def _export_graph(step: DecoderStep, path: Path, names: tuple[list[str], list[st
     cache = {0: batch, 2: past}
     dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: total},
                "position_ids": {0: batch, 1: sequence}, "past": tuple(cache for _ in inputs[3:])}
+    # torch.onnx logs a warning per torchvision operator it cannot register when torchvision is absent: not ours
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         # torch.onnx reports that the cache axes share one name, which is what is meant
         warnings.filterwarnings("ignore", message=".*The axis name.*will not be used")

@@ -6,22 +6,16 @@ import argparse
 import json
 import sys
 
-from llminfer.cli.main import positive_int, add_sampling_arguments, sampling_params
-from llminfer.errors import LLMInferError
+from llminfer.cli.main import (
+    add_sampling_arguments,
+    positive_int,
+    run_handler,
+    sampling_params,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args) or 0
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except (LLMInferError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"llminfer-lite: error: {exc}", file=sys.stderr)
-        return 2
+    return run_handler(build_parser().parse_args(argv), "llminfer-lite")
 
 
 def build_parser() -> argparse.ArgumentParser:

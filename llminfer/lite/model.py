@@ -9,7 +9,6 @@ Needs onnxruntime, numpy, tokenizers and jinja2 only; nothing here (or below it)
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,14 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from llminfer.engine.sampling_params import SamplingParams
-from llminfer.errors import InvalidPromptError, ModelFormatError, ModelNotFoundError, PromptTooLongError, TokenizerError
-from llminfer.hashing import file_sha256
+from llminfer.errors import (
+    InvalidPromptError,
+    ModelFormatError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    TokenizerError,
+)
+from llminfer.files import file_sha256, read_json_object
 from llminfer.lite.sampler import sample
 from llminfer.tokenizer import IncrementalDetokenizer, Tokenizer
 from llminfer.tokenizer.text_stream import TextStream
@@ -57,13 +62,9 @@ def read_export_manifest(folder: Path, verify: bool = False) -> dict[str, Any]:
     file = folder / EXPORT_MANIFEST
     if not file.is_file():
         raise ModelFormatError(f"{folder}: no {EXPORT_MANIFEST}; not a folder written by `llminfer export`")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
-        raise ModelFormatError(f"{file}: 'format' is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                               f"expected '{EXPORT_FORMAT}'")
+    manifest = read_json_object(file)
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise ModelFormatError(f"{file}: 'format' is {manifest.get('format')!r}, expected '{EXPORT_FORMAT}'")
     for key in ("graph", "inputs", "outputs", "model", "files", "dtype"):
         if key not in manifest:
             raise ModelFormatError(f"{file}: missing the '{key}' field")
@@ -100,7 +101,7 @@ class LiteModel:
         self.cache_dtype = np.float16 if self.manifest["dtype"] == "float16" else np.float32
         self.input_names = [i["name"] for i in self.manifest["inputs"]]
         self.output_names = [o["name"] for o in self.manifest["outputs"]]
-        generation = _read_json(self.folder / "generation_config.json") if (
+        generation = read_json_object(self.folder / "generation_config.json") if (
             self.folder / "generation_config.json").is_file() else {}
         self.generation_config = generation
         self.max_model_len = int(generation.get("max_length") or model["max_position_embeddings"])
@@ -221,13 +222,3 @@ class LiteModel:
         if g.get("do_sample") is False:
             settings["temperature"] = 0.0
         return SamplingParams(max_tokens=256, **settings)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object")
-    return data

@@ -5,18 +5,16 @@
 Imported on first use, so that `llminfer.loading.default_models` needs no PyTorch.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from llminfer._lazy import lazy_attributes
 
 _EXPORTS = {"Checkpoint": "llminfer.loading.checkpoint", "open_checkpoint": "llminfer.loading.resolve"}
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from llminfer.loading.checkpoint import Checkpoint
-    from llminfer.loading.resolve import open_checkpoint
+    from llminfer.loading.checkpoint import Checkpoint  # noqa: F401 (re-exported)
+    from llminfer.loading.resolve import open_checkpoint  # noqa: F401 (re-exported)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'llminfer.loading' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from llminfer.config import DTYPES
 from llminfer.errors import ConfigError, ModelFormatError
-from llminfer.hashing import file_sha256
+from llminfer.files import file_sha256
 from llminfer.loading.hf_folder import MANIFEST, OUR_CONFIG
 from llminfer.loading.resolve import open_checkpoint
 

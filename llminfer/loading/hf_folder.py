@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from tqdm.auto import tqdm
 
 from llminfer.config import ModelConfig
 from llminfer.errors import ModelFormatError
+from llminfer.files import read_json_object
 from llminfer.loading.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class HFFolderCheckpoint(Checkpoint):
 
     def _check_manifest(self) -> None:
         # Sizes are cheap to compare and catch truncated copies; sha256 is there for `sha256sum -c` users.
-        manifest = _read_json(self.path / MANIFEST)
+        manifest = read_json_object(self.path / MANIFEST)
         for file_name, entry in (manifest.get("files") or {}).items():
             file = self.path / file_name
             if not file.is_file():
@@ -53,13 +53,13 @@ class HFFolderCheckpoint(Checkpoint):
     def model_config(self) -> ModelConfig:
         ours, hf = self.path / OUR_CONFIG, self.path / "config.json"
         if ours.is_file():
-            return ModelConfig.from_dict(_read_json(ours), str(ours))
+            return ModelConfig.from_dict(read_json_object(ours), str(ours))
         if not hf.is_file():
             raise ModelFormatError(f"{self.path}: no config.json (expected a Hugging Face model folder)")
-        config = ModelConfig.from_hf_dict(_read_json(hf), str(hf))
+        config = ModelConfig.from_hf_dict(read_json_object(hf), str(hf))
         generation = self.path / "generation_config.json"
         if generation.is_file():  # chat models list their end-of-turn ids here (Llama 3: <|eot_id|>)
-            eos = _read_json(generation).get("eos_token_id")
+            eos = read_json_object(generation).get("eos_token_id")
             extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
             config = replace(config, eos_token_id=tuple(dict.fromkeys([*config.eos_token_id, *extra])))
         return config
@@ -68,7 +68,7 @@ class HFFolderCheckpoint(Checkpoint):
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.path / index_name
             if index.is_file():
-                weight_map = _read_json(index).get("weight_map")
+                weight_map = read_json_object(index).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise ModelFormatError(f"{index}: missing 'weight_map'")
                 files = [self.path / f for f in sorted(set(weight_map.values()))]
@@ -155,13 +155,3 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise ModelFormatError(f"{file}: not a loadable PyTorch weights file ({exc})".splitlines()[0]) from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object")
-    return data
