@@ -10,7 +10,7 @@ Needs onnxruntime, numpy, tokenizers and jinja2 only; nothing here (or below it)
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -208,7 +208,7 @@ class LiteModel:
                     text.flush()
             if text is not None:
                 output.text, output.delta = text.text, text.take_delta(output.finish_reason is not None)
-            yield output
+            yield replace(output, token_ids=list(output.token_ids))  # a snapshot: later steps do not change it
             if output.finish_reason is not None:
                 return
             start = time.perf_counter()
