@@ -75,7 +75,8 @@ def test_shard_plan_splits_heads_and_replicates_kv_heads_when_fewer_than_ranks()
     plans = [ShardPlan(config, r, 4) for r in range(4)]
     assert [p.split("model.layers.0.self_attn.q_proj.weight").ranges for p in plans] == [
         ((0, 16),), ((16, 16),), ((32, 16),), ((48, 16),)]
-    assert [p.split("model.layers.0.self_attn.k_proj.weight").ranges for p in plans] == [((0, 8),)] * 2 + [((8, 8),)] * 2
+    kv_ranges = [p.split("model.layers.0.self_attn.k_proj.weight").ranges for p in plans]
+    assert kv_ranges == [((0, 8),)] * 2 + [((8, 8),)] * 2
     assert plans[1].split("model.layers.0.mlp.down_proj.weight").axis == 1
     assert plans[1].split("model.norm.weight").axis is None
     # a quantized checkpoint's fused q|k|v rows: rank 3 takes query rows 48..64, KV head 1 of k (64 + 8) and v (80 + 8)
@@ -140,7 +141,8 @@ def test_quantized_model_on_two_ranks_equals_one_unsharded_and_pre_sharded(quant
     assert torchrun(tmp_path / "tp2", 2) == one
 
 
-def test_quantization_at_load_on_two_ranks_equals_one(kv2_folder):    # int4 groups never straddle ranks, so each rank quantizes exactly the slice that one process would
+def test_quantization_at_load_on_two_ranks_equals_one(kv2_folder):
+    # int4 groups never straddle ranks, so each rank quantizes exactly the slice that one process would
     # (float32 compute: bf16 partial sums would round differently from one whole matmul)
     assert torchrun(kv2_folder, 2, quantization="a16w4", dtype="float32") == single_process_tokens(
         kv2_folder, quantization="a16w4", dtype="float32")

@@ -55,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text from a prompt (streamed)")
     _model_arguments(generate)
     add_sampling_arguments(generate)
-    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    generate.add_argument("--system", help="system message, with --chat")
-    generate.add_argument("prompt", help="the prompt text ('-' reads standard input)")
+    add_prompt_arguments(generate)
     generate.set_defaults(handler=_lazy("llminfer.cli.commands", "generate"))
 
     chat = commands.add_parser("chat", help="interactive chat (/reset clears history, /exit or Ctrl-D quits)")
@@ -223,6 +221,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """generate's prompt options (llminfer and llminfer-lite take the same)."""
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--system", help="system message, with --chat")
+    parser.add_argument("prompt", help="the prompt text ('-' reads standard input)")
 
 
 def sampling_params(args: argparse.Namespace):

@@ -76,7 +76,8 @@ def export_onnx(source: str, destination: str | Path, dtype: str = "float32", op
         if tokenizer is not None:
             tokenizer.save(staging)
         cfg = model.config
-        generation = {"eos_token_id": sorted(set(cfg.eos_token_id) | set(tokenizer.stop_token_ids if tokenizer else ())),
+        stop_ids = set(cfg.eos_token_id) | set(tokenizer.stop_token_ids if tokenizer else ())
+        generation = {"eos_token_id": sorted(stop_ids),
                       "bos_token_id": tokenizer.bos_token_id if tokenizer else None,
                       "max_length": cfg.max_position_embeddings, **_source_sampling_defaults(checkpoint)}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -7,6 +7,7 @@ import json
 import sys
 
 from llminfer.cli.main import (
+    add_prompt_arguments,
     add_sampling_arguments,
     positive_int,
     run_handler,
@@ -27,9 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text from a prompt (streamed)")
     _model_arguments(generate)
     add_sampling_arguments(generate)
-    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    generate.add_argument("--system", help="system message, with --chat")
-    generate.add_argument("prompt", help="the prompt text ('-' reads standard input)")
+    add_prompt_arguments(generate)
     generate.set_defaults(handler=generate_command)
 
     bench = commands.add_parser("bench", help="prefill and decode tokens/s at batch 1")

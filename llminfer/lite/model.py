@@ -185,7 +185,8 @@ class LiteModel:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         text = None
         if self.tokenizer is not None:
-            text = TextStream(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens), params.stop)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            text = TextStream(detokenizer, params.stop)
         rng = np.random.default_rng(params.seed)
         output = LiteOutput(prompt_tokens=len(prompt_ids))
         times = self.last_times = StepTimes(prompt_tokens=len(prompt_ids))

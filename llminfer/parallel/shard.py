@@ -2,7 +2,8 @@
 
 DST holds the model config and tokenizer, `rank_0/ ... rank_{N-1}/` (safetensors, HF tensor names, each rank's
 slices) and `strategy.json`: for every tensor, its split axis (or "replicated"), its full shape and each rank's
-(start, length) ranges along the axis (one per part of a fused q|k|v or gate|up projection), so the shards can be merged back bit for bit.
+(start, length) ranges along the axis (one per part of a fused q|k|v or gate|up projection), so the shards
+can be merged back bit for bit.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class ShardedCheckpoint(Checkpoint):
             raise ModelFormatError(f"{path / STRATEGY}: missing 'tensor_parallel_size'")
         for rank in range(self.tensor_parallel_size):
             if not (path / f"rank_{rank}").is_dir():
-                raise ModelFormatError(f"{path}: sharded for {self.tensor_parallel_size} ranks, rank_{rank}/ is missing")
+                raise ModelFormatError(f"{path}: sharded for {self.tensor_parallel_size} ranks, "
+                                       f"rank_{rank}/ is missing")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(json.loads((self.path / OUR_CONFIG).read_text()), str(self.path / OUR_CONFIG))

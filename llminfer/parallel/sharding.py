@@ -5,7 +5,8 @@ Row-parallel (input columns split, one all-reduce after): o_proj and down_proj. 
 projections; with fewer KV heads than ranks each KV head is replicated on the ranks whose query heads use it.
 Norms are replicated. Quantized tensors split with their weights: a fused q|k|v or gate|up projection takes
 each part's rows; a row-parallel layer's int4 levels (two per byte) and group scales/zero points split along
-the input axis on group boundaries, its per-channel scales are replicated. The same rules serve on-the-fly splitting at load and the offline `llminfer shard`.
+the input axis on group boundaries, its per-channel scales are replicated. The same rules serve on-the-fly
+splitting at load and the offline `llminfer shard`.
 """
 
 from __future__ import annotations
