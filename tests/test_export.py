@@ -184,6 +184,9 @@ def test_cli_export_errors_are_one_line(tiny_llama_folder, tmp_path):
                           "already exists and is not empty")
     bad = run_cli("export", str(tiny_llama_folder), "-o", str(tmp_path / "y"), "--dtype", "bfloat16")
     assert bad.returncode == 2 and "invalid choice: 'bfloat16'" in bad.stderr
+    assert_one_line_error(run_cli("export", str(tiny_llama_folder), "-o", str(tmp_path / "y"), "--opset", "17"),
+                          "--opset 17 is not supported (expected 18 to 23)")
+    assert not (tmp_path / "y").exists()
 
 
 def test_lite_refuses_corrupt_or_mismatched_folders(tiny_llama_folder, exported_llama, tmp_path):

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")
     export.add_argument("--format", default="onnx", choices=["onnx"])
     export.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    export.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (17 to 23; default 18)")
+    export.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (18 to 23; default 18)")
     export.add_argument("--quantization", choices=["a16w8"],
                         help="quantize a float checkpoint (round-to-nearest) before exporting")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")

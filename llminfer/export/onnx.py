@@ -45,8 +45,8 @@ def export_onnx(source: str, destination: str | Path, dtype: str = "float32", op
     destination = Path(destination)
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype '{dtype}' cannot be exported (expected one of {', '.join(EXPORT_DTYPES)})")
-    if not 17 <= opset <= 23:
-        raise ConfigError(f"--opset {opset} is not supported (expected 17 to 23)")
+    if not 18 <= opset <= 23:  # torch.onnx's dynamo exporter writes opset 18 at the least
+        raise ConfigError(f"--opset {opset} is not supported (expected 18 to 23)")
     check_destination(destination, overwrite)  # before the slow part
     checkpoint = open_checkpoint(source)
     stored = checkpoint.quantization_config()
@@ -84,7 +84,7 @@ def export_onnx(source: str, destination: str | Path, dtype: str = "float32", op
         manifest = {
             "format": EXPORT_FORMAT, "format_version": 1,
             "source": source, "source_sha256": source_digest(checkpoint),
-            "opset": opset, "dtype": dtype, "quantization": scheme,
+            "opset": _graph_opset(graph), "dtype": dtype, "quantization": scheme,
             "graph": GRAPH_FILE, "inputs": _graph_io(graph, "input"), "outputs": _graph_io(graph, "output"),
             "model": {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
                       "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
@@ -181,6 +181,13 @@ def _graph_io(graph: Path, kind: str) -> list[dict]:
         described.append({"name": value.name, "type": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
                           "shape": shape})
     return described
+
+
+def _graph_opset(graph: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def _source_sampling_defaults(checkpoint) -> dict:
