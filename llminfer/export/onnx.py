@@ -84,8 +84,7 @@ def export_onnx(source: str, destination: str | Path, dtype: str = "float32", op
         manifest = {
             "format": EXPORT_FORMAT, "format_version": 1,
             "source": source, "source_sha256": source_digest(checkpoint),
-            "opset": _graph_opset(graph), "dtype": dtype, "quantization": scheme,
-            "graph": GRAPH_FILE, "inputs": _graph_io(graph, "input"), "outputs": _graph_io(graph, "output"),
+            "dtype": dtype, "quantization": scheme, "graph": GRAPH_FILE, **_describe_graph(graph),
             "model": {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
                       "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
                       "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings},
@@ -169,25 +168,18 @@ def compare_with_pytorch(step: DecoderStep, graph: Path, names: tuple[list[str],
     return worst
 
 
-def _graph_io(graph: Path, kind: str) -> list[dict]:
+def _describe_graph(graph: Path) -> dict:
+    """The graph's opset and its inputs and outputs: name, element type, shape (names for dynamic axes)."""
     import onnx
 
     model = onnx.load(str(graph), load_external_data=False)
-    values = model.graph.input if kind == "input" else model.graph.output
-    described = []
-    for value in values:
-        tensor = value.type.tensor_type
-        shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-        described.append({"name": value.name, "type": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
-                          "shape": shape})
-    return described
 
+    def values(items) -> list[dict]:
+        return [{"name": v.name, "type": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in items]
 
-def _graph_opset(graph: Path) -> int:
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
-    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+    opset = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+    return {"opset": opset, "inputs": values(model.graph.input), "outputs": values(model.graph.output)}
 
 
 def _source_sampling_defaults(checkpoint) -> dict:
