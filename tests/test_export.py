@@ -216,6 +216,13 @@ def test_lite_refuses_corrupt_or_mismatched_folders(tiny_llama_folder, exported_
     (renamed / "export.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelFormatError, match="its inputs do not match export.json"):
         LiteModel(renamed)
+    resized = copy("resized")  # a manifest from a model with another number of KV heads
+    manifest = json.loads((resized / "export.json").read_text())
+    manifest["inputs"][3]["shape"][1] = 8
+    (resized / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match=r"input 'past_key_0' is float32 \['batch', 2, 'past_sequence', 16\], "
+                                               r"export.json says float32 \['batch', 8, 'past_sequence', 16\]"):
+        LiteModel(resized)
     garbled = copy("garbled")
     size = (garbled / "model.onnx").stat().st_size  # same size: only onnxruntime can tell
     (garbled / "model.onnx").write_bytes(b"\x00not a graph" + b"\x00" * (size - 12))

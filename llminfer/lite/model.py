@@ -31,6 +31,7 @@ from llminfer.tokenizer.text_stream import TextStream
 
 EXPORT_MANIFEST = "export.json"  # written by llminfer.export.onnx
 EXPORT_FORMAT = "llminfer-onnx"
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
 @dataclass
@@ -111,18 +112,28 @@ class LiteModel:
         self.last_times = StepTimes()
 
     def _check_graph_matches_manifest(self, graph: Path) -> None:
+        """Names, element types and fixed sizes of the graph's inputs and outputs against export.json, and the
+        inputs against the model it describes (ids, mask, positions, a key and a value per layer)."""
+        model = self.manifest["model"]
+        expected_inputs = 3 + 2 * model["num_hidden_layers"]
+        if len(self.manifest["inputs"]) != expected_inputs:
+            listed = len(self.manifest["inputs"])
+            raise ModelFormatError(f"{self.folder / EXPORT_MANIFEST}: lists {listed} inputs, its model needs "
+                                   f"{expected_inputs} (ids, mask, positions and a key and value per layer)")
         actual = {"inputs": self.session.get_inputs(), "outputs": self.session.get_outputs()}
         for kind, values in actual.items():
-            listed = [entry["name"] for entry in self.manifest[kind]]
-            names = [value.name for value in values]
-            if names != listed:
-                missing = sorted(set(listed) - set(names)) or sorted(set(names) - set(listed)) or names
+            listed = self.manifest[kind]
+            if [v.name for v in values] != [entry["name"] for entry in listed]:
+                names, wanted = {v.name for v in values}, [entry["name"] for entry in listed]
+                first = next((n for n in wanted if n not in names), None) or next(v.name for v in values)
                 raise ModelFormatError(f"{graph}: its {kind} do not match {EXPORT_MANIFEST} (first difference: "
-                                       f"'{missing[0]}'; {len(names)} in the graph, {len(listed)} listed)")
-        expected_inputs = 3 + 2 * self.manifest["model"]["num_hidden_layers"]
-        if len(actual["inputs"]) != expected_inputs:
-            raise ModelFormatError(f"{graph}: has {len(actual['inputs'])} inputs, {EXPORT_MANIFEST}'s model needs "
-                                   f"{expected_inputs} (ids, mask, positions and a key and value per layer)")
+                                       f"'{first}'; {len(values)} in the graph, {len(listed)} listed)")
+            for value, entry in zip(values, listed):
+                graph_type = _ORT_TYPES.get(value.type, value.type)
+                fixed = [(i, d) for i, d in enumerate(value.shape) if isinstance(d, int)]
+                if graph_type != entry.get("type") or any(entry["shape"][i] != d for i, d in fixed):
+                    raise ModelFormatError(f"{graph}: {kind[:-1]} '{value.name}' is {graph_type} {value.shape}, "
+                                           f"{EXPORT_MANIFEST} says {entry.get('type')} {entry.get('shape')}")
 
     # --- prompts ------------------------------------------------------------------------------
 
