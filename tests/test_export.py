@@ -39,8 +39,8 @@ def run_lite(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def exported_tiny(tiny_hf, tmp_path_factory):
-    variant, _, folder = tiny_hf
-    return folder, export_onnx(str(folder), tmp_path_factory.mktemp(f"onnx-{variant}") / "out")
+    variant, _, folder = tiny_hf  # logits at every position, to compare them with transformers'
+    return folder, export_onnx(str(folder), tmp_path_factory.mktemp(f"onnx-{variant}") / "out", all_logits=True)
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,30 @@ def test_lite_greedy_tokens_equal_the_engine_on_tiny_models(exported_tiny):
     assert lite_tokens(exported, PROMPTS) == engine_tokens(source, PROMPTS)
 
 
-def test_export_folder_and_manifest(exported_tiny):
+def test_lite_logits_at_every_position_equal_transformers(tiny_hf, exported_tiny):
+    from llminfer.lite import LiteModel
+
+    _, hf_model, _ = tiny_hf
+    model = LiteModel(exported_tiny[1])
+    prompt = PROMPTS[1]
+    logits, cache = model.step(np.array([prompt]), np.ones((1, len(prompt))), np.arange(len(prompt))[None],
+                               model.empty_cache())
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([prompt])).logits.numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    assert cache[0].shape == (1, 2, len(prompt), 16)
+
+
+def test_export_folder_and_manifest(exported_tiny, exported_llama):
     source, exported = exported_tiny
     manifest = json.loads((exported / "export.json").read_text())
     assert manifest["format"] == "llminfer-onnx" and manifest["opset"] == 18 and manifest["dtype"] == "float32"
     assert len(manifest["source_sha256"]) == 64
     assert [i["name"] for i in manifest["inputs"]][:4] == ["input_ids", "attention_mask", "position_ids", "past_key_0"]
     assert manifest["inputs"][3]["shape"] == ["batch", 2, "past_sequence", 16]  # [B, Hkv, P, D], P dynamic
-    assert manifest["outputs"][0]["shape"][:2] == ["batch", "sequence"]
+    assert manifest["logits"] == "all" and manifest["outputs"][0]["shape"] == ["batch", "sequence", 320]
+    generation_export = json.loads((exported_llama / "export.json").read_text())
+    assert generation_export["logits"] == "last" and generation_export["outputs"][0]["shape"] == ["batch", 1, 320]
     assert manifest["validation"]["max_abs_difference_relative"] <= manifest["validation"]["tolerance"]
     assert (exported / "model.onnx.data").stat().st_size > (exported / "model.onnx").stat().st_size  # weights outside
     assert set(manifest["files"]) == {p.name for p in exported.iterdir()} - {"export.json"}

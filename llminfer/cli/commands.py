@@ -122,7 +122,7 @@ def export(args: argparse.Namespace) -> int:
     from llminfer.export.onnx import export_onnx
 
     destination = export_onnx(args.source, args.output, dtype=args.dtype, opset=args.opset,
-                              quantization=args.quantization, overwrite=args.overwrite)
+                              quantization=args.quantization, overwrite=args.overwrite, all_logits=args.all_logits)
     print(f"exported {args.source} -> {destination} (onnx, {args.dtype}"
           f"{', ' + args.quantization if args.quantization else ''}); run it with: "
           f"llminfer-lite generate --model {destination} PROMPT")

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (18 to 23; default 18)")
     export.add_argument("--quantization", choices=["a16w8"],
                         help="quantize a float checkpoint (round-to-nearest) before exporting")
+    export.add_argument("--all-logits", action="store_true",
+                        help="output logits at every position (for scoring), not only the last (for generation)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     export.set_defaults(handler=_lazy("llminfer.cli.commands", "export"))
 

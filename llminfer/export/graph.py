@@ -1,6 +1,6 @@
 """The network as one exportable step: dense key/value tensors in and out instead of the engine's paged pool.
 
-    logits [B, S, V], present_key_i / present_value_i [B, Hkv, P+S, D]
+    logits [B, 1, V] (or [B, S, V]), present_key_i / present_value_i [B, Hkv, P+S, D]
         = step(input_ids [B, S], attention_mask [B, P+S], position_ids [B, S], past_key_i / past_value_i [B, Hkv, P, D])
 
 Prefill is a step with P = 0, decode one with S = 1: one graph serves both. attention_mask marks real tokens (1)
@@ -36,8 +36,11 @@ class DequantizingLinear(nn.Module):
 
 
 class DecoderStep(nn.Module):
-    def __init__(self, model: CausalLM) -> None:
+    def __init__(self, model: CausalLM, all_logits: bool = False) -> None:
+        """all_logits: logits at every new position (scoring) instead of the last one only (generation; a
+        2048-token prompt would otherwise produce 2048 x vocabulary floats and their LM-head matmul)."""
         super().__init__()
+        self.all_logits = all_logits
         for name, module in list(model.named_modules()):
             if isinstance(module, Int8WeightOnlyLinear):
                 parent, _, child = name.rpartition(".")
@@ -72,6 +75,8 @@ class DecoderStep(nn.Module):
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, new, attn.q_size))
             x = self._rms_norm(layer.post_attention_layernorm, hidden)
             hidden = hidden + layer.mlp(x)
+        if not self.all_logits:
+            hidden = hidden[:, -1:]  # with left padding, every row's last position is a real token
         hidden = self._rms_norm(net.norm, hidden)
         logits = self.model.lm_head(hidden).float()
         return (logits, *presents)

@@ -1,7 +1,8 @@
 """`llminfer export SRC -o DST`: the network as an ONNX graph, ready for the lite runtime (no PyTorch needed).
 
 DST holds
-    model.onnx, model.onnx.data   one step graph (see graph.py), weights as ONNX external data
+    model.onnx, model.onnx.data   one step graph (see graph.py), weights as ONNX external data; logits at the
+                                  last position (or, with all_logits, at every new position)
     tokenizer.json, tokenizer_config.json (chat template), generation_config.json (stop ids, context length)
     export.json                   the manifest: source and its sha256, opset, dtype, quantization, the graph's
                                   inputs and outputs (names, element types, shapes), the model's sizes, every
@@ -37,7 +38,7 @@ TOLERANCE = {"float32": 1e-3, "float16": 3e-2}
 
 
 def export_onnx(source: str, destination: str | Path, dtype: str = "float32", opset: int = DEFAULT_OPSET,
-                quantization: str | None = None, overwrite: bool = False) -> Path:
+                quantization: str | None = None, overwrite: bool = False, all_logits: bool = False) -> Path:
     from llminfer.loading import open_checkpoint
     from llminfer.loading.convert import check_destination, staged_folder
     from llminfer.model.auto import load_model
@@ -62,7 +63,7 @@ def export_onnx(source: str, destination: str | Path, dtype: str = "float32", op
     tokenizer = model.tokenizer
     if tokenizer is None:
         logger.warning("%s has no tokenizer: the export will take token ids only", source)
-    step = DecoderStep(model).eval()
+    step = DecoderStep(model, all_logits).eval()
     names = io_names(model.config.num_hidden_layers)
     with staged_folder(destination, overwrite) as staging:
         graph = staging / GRAPH_FILE
@@ -84,7 +85,8 @@ def export_onnx(source: str, destination: str | Path, dtype: str = "float32", op
         manifest = {
             "format": EXPORT_FORMAT, "format_version": 1,
             "source": source, "source_sha256": source_digest(checkpoint),
-            "dtype": dtype, "quantization": scheme, "graph": GRAPH_FILE, **_describe_graph(graph),
+            "dtype": dtype, "quantization": scheme, "graph": GRAPH_FILE, "logits": "all" if all_logits else "last",
+            **_describe_graph(graph),
             "model": {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
                       "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
                       "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings},

@@ -164,7 +164,8 @@ class LiteModel:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One forward: logits [B, S, V] and the key/value cache grown by S positions."""
+        """One forward: logits [B, 1, V] (or [B, S, V] from an --all-logits export) and the key/value cache grown
+        by S positions."""
         feeds = dict(zip(self.input_names, [input_ids.astype(np.int64), attention_mask.astype(np.int64),
                                             position_ids.astype(np.int64), *cache]))
         logits, *present = self.session.run(self.output_names, feeds)
