@@ -16,8 +16,8 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,7 +46,8 @@ class LatencyResult:
     ttft_ms: float
 
 
-def _median_result(engine: str, runs: list[tuple[float, float]], input_tokens: int, output_tokens: int) -> LatencyResult:
+def _median_result(engine: str, runs: list[tuple[float, float]], input_tokens: int,
+                   output_tokens: int) -> LatencyResult:
     ttft = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     return LatencyResult(engine, input_tokens / ttft, (output_tokens - 1) / decode if output_tokens > 1 else 0.0,
@@ -213,7 +214,8 @@ def latency_command(args: argparse.Namespace) -> int:
         return 0
     print(f"model {args.model}  dtype {dtype}  device {args.device}  threads {report['threads']}  "
           f"batch {args.batch_size}  input {args.input_len}  output {args.output_len}")
-    _print_table(results, [("prefill tok/s", "prefill_tokens_per_s", ".1f"), ("decode tok/s", "decode_tokens_per_s", ".1f"),
+    _print_table(results, [("prefill tok/s", "prefill_tokens_per_s", ".1f"),
+                           ("decode tok/s", "decode_tokens_per_s", ".1f"),
                            ("TTFT ms", "ttft_ms", ".1f")])
     for label, ratio in report.get("ratio_vs_first", {}).items():
         print(f"{label} / {results[0].engine}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")

@@ -213,7 +213,8 @@ class EngineConfig:
         try:
             device = torch.device(self.device)
         except RuntimeError:
-            raise ConfigError(f"device '{self.device}' is not a torch device (expected e.g. cpu, cuda, cuda:1)") from None
+            raise ConfigError(f"device '{self.device}' is not a torch device "
+                              "(expected e.g. cpu, cuda, cuda:1)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device '{self.device}' requested, but this torch build sees no CUDA GPU")
         if self.kv_cache_memory is not None:

@@ -116,8 +116,8 @@ def tiny_chat_folder(tmp_path_factory) -> Path:
     """The tiny random Llama with a real byte-level BPE tokenizer of its vocabulary size (trained here on the
     pydoc text) and a chat template: text in, text out, in milliseconds."""
     import json
-
     import pydoc_data.topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())

@@ -12,8 +12,14 @@ import yaml
 
 from llminfer import LLM, AutoModel, LLMInferError, ModelConfig, SamplingParams
 from llminfer.config import load_model_config_file
-from llminfer.errors import (ConfigError, InvalidPromptError, InvalidSamplingParamsError, ModelNotFoundError, PromptTooLongError,
-                             UnsupportedModelError)
+from llminfer.errors import (
+    ConfigError,
+    InvalidPromptError,
+    InvalidSamplingParamsError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    UnsupportedModelError,
+)
 from llminfer.loading import default_models, open_checkpoint
 
 

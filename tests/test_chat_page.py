@@ -8,9 +8,9 @@ import shutil
 import time
 
 import pytest
+from test_server import LiveServer, _slowed
 
 from llminfer import LLM
-from test_server import LiveServer, _slowed
 
 
 @pytest.fixture()

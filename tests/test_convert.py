@@ -7,9 +7,8 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import prefill_logits
+from safetensors.torch import load_file
 
 from llminfer import AutoModel, SamplingParams
 from llminfer.errors import ConfigError, ModelFormatError

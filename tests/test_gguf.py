@@ -12,14 +12,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import make_hf_model, prefill_logits
 from gguf import GGMLQuantizationType as Q
 
 from llminfer import AutoModel
-from llminfer.loading import open_checkpoint
 from llminfer.layers.rotary import rope_inverse_frequencies
+from llminfer.loading import open_checkpoint
 from llminfer.loading.gguf_file import hf_name, llama3_scaling_matching, unpermute_rope_rows
-
-from conftest import make_hf_model, prefill_logits
 
 _BLOCK_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
@@ -40,7 +39,8 @@ def gguf_name(hf: str) -> str:
 
 def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf's Q/K permutation (HF rotate-half -> interleaved pairs)."""
-    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    pairs = weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(weight.shape)
 
 
 def byte_level_vocab(size: int) -> tuple[list[str], list[int]]:

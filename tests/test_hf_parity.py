@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import make_hf_model, prefill_logits
 
 from llminfer import LLM, AutoModel, SamplingParams

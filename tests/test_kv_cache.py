@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import prefill_logits
 
 from llminfer import AutoModel, EngineConfig, SamplingParams

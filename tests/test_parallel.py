@@ -186,8 +186,9 @@ def test_killing_a_rank_stops_every_process_with_an_error_naming_it(tmp_path):
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "long")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    launcher = subprocess.Popen([sys.executable, "-m", "llminfer", "bench", "latency", "--model", str(tmp_path / "long"),
-                                 "--tp", "2", "--input-len", "16", "--output-len", "8000", "--iters", "1",
+    launcher = subprocess.Popen([sys.executable, "-m", "llminfer", "bench", "latency",
+                                 "--model", str(tmp_path / "long"), "--tp", "2", "--input-len", "16",
+                                 "--output-len", "8000", "--iters", "1",
                                  "--kv-cache-memory", "64MiB"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120

@@ -18,8 +18,7 @@ from llminfer.layers.linear import Linear
 from llminfer.model import AutoModel
 from llminfer.quantization import GPTQ, RTN, PTQConfig, QuantizationConfig, save_quantized
 from llminfer.quantization import functional as Q
-from llminfer.quantization.layers import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
-                                          QuantizedLinear)
+from llminfer.quantization.layers import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizedLinear
 from llminfer.quantization.ptq import gptq_int4
 from llminfer.quantization.save import weight_memory
 

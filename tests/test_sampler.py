@@ -37,7 +37,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
     assert kept(top_p=top_p) == expected
 
 
-@pytest.mark.parametrize("min_p,expected", [(0.3, {0, 1, 2}), (0.41, {0}), (0.19, {0, 1, 2, 3}), (0.0, {0, 1, 2, 3, 4})])
+@pytest.mark.parametrize("min_p,expected",
+                         [(0.3, {0, 1, 2}), (0.41, {0}), (0.19, {0, 1, 2, 3}), (0.0, {0, 1, 2, 3, 4})])
 def test_min_p_drops_tokens_below_fraction_of_the_best(min_p, expected):
     assert kept(min_p=min_p) == expected  # thresholds: 0.15, 0.205, 0.095
 

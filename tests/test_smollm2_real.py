@@ -59,7 +59,8 @@ def test_digits_are_split_one_by_one_like_smollm_pretokenizer(smollm2_llm):
 
 
 def test_chat_stops_at_end_of_turn(smollm2_llm):
-    output = smollm2_llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(max_tokens=64, temperature=0))[0]
+    messages = [{"role": "user", "content": "Say hello."}]
+    output = smollm2_llm.chat(messages, SamplingParams(max_tokens=64, temperature=0))[0]
     assert output.finish_reason == "stop"
     assert output.token_ids[-1] == Tokenizer.from_pretrained("smollm2-135m").eos_token_id
     assert "<|im_end|>" not in output.text and output.text.strip()

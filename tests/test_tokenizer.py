@@ -27,6 +27,7 @@ TEXTS = [
 def sentencepiece_model(tmp_path_factory) -> Path:
     """A small BPE sentencepiece model trained on Python's own docs, Llama-style settings."""
     import pydoc_data.topics
+
     import sentencepiece as spm
 
     lines = "\n".join(pydoc_data.topics.topics.values()).splitlines()

@@ -33,7 +33,8 @@ def generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _load(args)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        messages = [*system, {"role": "user", "content": prompt}]
         prompt = llm.chat_prompt(messages)
     _stream(llm, prompt, params)
     return 0
@@ -75,7 +76,8 @@ def info(args: argparse.Namespace) -> int:
         ("layers", config.num_hidden_layers),
         ("hidden size", config.hidden_size),
         ("intermediate size", config.intermediate_size),
-        ("attention heads", f"{config.num_attention_heads} (key/value heads: {config.num_key_value_heads}, head dim {config.head_dim})"),
+        ("attention heads", f"{config.num_attention_heads} (key/value heads: {config.num_key_value_heads}, "
+                            f"head dim {config.head_dim})"),
         ("vocabulary", config.vocab_size),
         ("context length", config.max_position_embeddings),
         ("rope", f"theta={config.rope_theta:g}" + (f", scaling={config.rope_scaling}" if config.rope_scaling else "")),

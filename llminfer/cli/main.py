@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--iters", type=positive_int, default=3, help="timed repetitions (median reported)")
     latency.add_argument("--compare", choices=["hf"], help="also run Hugging Face transformers on the same weights")
     latency.add_argument("--compare-with", nargs="+", default=[], metavar="MODEL",
-                         help="also measure these models (quantized folders, or ONNX exports on the lite runtime) with the same prompts; ratios are "
+                         help="also measure these models (quantized folders, or ONNX exports on the lite runtime) "
+                              "with the same prompts; ratios are "
                               "to --model")
     latency.add_argument("--json", action="store_true", help="print JSON instead of a table")
     latency.set_defaults(handler=_lazy("llminfer.bench", "latency_command"))

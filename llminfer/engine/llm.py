@@ -81,7 +81,8 @@ class LLM:
         by_id = {o.request_id: o for o in self.engine.run_to_completion()}
         return [by_id[r.group_id] for r in requests]
 
-    def chat(self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None) -> list[RequestOutput]:
+    def chat(self, messages: Messages | Sequence[Messages],
+             params: SamplingParams | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         return self.generate([self.chat_prompt(c) for c in conversations], params)

@@ -34,7 +34,8 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if output_ids and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=vocab)[:vocab].to(logits.dtype)
+        ids = torch.tensor(output_ids, device=logits.device)
+        counts = torch.bincount(ids, minlength=vocab)[:vocab].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 

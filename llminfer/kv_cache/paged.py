@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from llminfer.layers.attention import Attention, AttentionBackend, AttentionMetadata, visibility_mask
 
-
 KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
 
 

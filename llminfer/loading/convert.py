@@ -136,4 +136,5 @@ def write_manifest(folder: Path, fields: dict) -> None:
     manifest = {"format": "llminfer", "format_version": FORMAT_VERSION, **fields,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    print(f"llminfer: wrote {len(files)} files ({sum(f['bytes'] for f in files.values()) / 1e6:.1f} MB)", file=sys.stderr)
+    total = sum(f["bytes"] for f in files.values())
+    print(f"llminfer: wrote {len(files)} files ({total / 1e6:.1f} MB)", file=sys.stderr)

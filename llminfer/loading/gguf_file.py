@@ -87,7 +87,8 @@ class GGUFCheckpoint(Checkpoint):
         try:
             self.reader = GGUFReader(str(path))
         except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad bytes
-            raise ModelFormatError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+            message = f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})".splitlines()[0]
+            raise ModelFormatError(message) from None
         self.architecture = self.metadata.get("general.architecture")
         if self.architecture not in ARCHITECTURES:
             raise UnsupportedModelError(f"{path}: GGUF architecture '{self.architecture}' is not supported "

@@ -27,7 +27,8 @@ def open_checkpoint(model: str) -> Checkpoint:
         raise ModelNotFoundError(f"{path}: expected a .gguf file or a model folder")
     if path.is_dir():
         if (path / "export.json").is_file():
-            raise ModelFormatError(f"{path}: is an ONNX export; run it with `llminfer-lite generate --model {path} ...` "
+            raise ModelFormatError(f"{path}: is an ONNX export; run it with "
+                                   f"`llminfer-lite generate --model {path} ...` "
                                    "(or give the folder it was exported from)")
         if (path / "strategy.json").is_file():
             from llminfer.parallel.shard import ShardedCheckpoint

@@ -106,7 +106,7 @@ def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
         network = build_model(config, torch.float32 if quantization else _dtype(dtype), device)
         network.load_weights(tensors, source=checkpoint.name)
         if quantization:
-            from llminfer.quantization import PTQConfig, RTN
+            from llminfer.quantization import RTN, PTQConfig
 
             group_size = ON_THE_FLY_GROUP_SIZE if quantization == "a16w4" else None
             RTN(PTQConfig.for_scheme(quantization, group_size=group_size, compute_dtype=dtype)).convert(network)

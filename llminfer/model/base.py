@@ -48,7 +48,8 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | str | Path, source: str = "checkpoint") -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | str | Path,
+                     source: str = "checkpoint") -> None:
         """Copy checkpoint tensors (HF names) into the parameters; every parameter must be filled.
 
         `weights` is (name, tensor) pairs, or a checkpoint path/alias to read them from.

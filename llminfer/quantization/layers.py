@@ -91,7 +91,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     """A16W4: groups of `group_size` inputs share a scale and a zero point; levels packed two per byte.
 
     The checkpoint holds levels packed plainly ([N, K/2], even column in the low nibble), scales [N, K/g] in
-    the compute dtype and float32 zero points [N, K/g]. In memory the weight is in the kernel's own packed layout and scales/zeros are
+    the compute dtype and float32 zero points [N, K/g]. In memory the weight is in the kernel's own packed layout
+    and scales/zeros are
     folded into the kernel's [K/g, N, 2] (scale, offset) table: w = (q - 8) * scale + offset.
     """
 

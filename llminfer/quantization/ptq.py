@@ -216,8 +216,9 @@ def quantize_checkpoint(source: str, destination: str, scheme: str, group_size: 
     for name, width in (("hidden_size", checkpoint.config.hidden_size),
                         ("intermediate_size", checkpoint.config.intermediate_size)):
         if group_size is not None and width % group_size:
+            valid = ", ".join(str(g) for g in (32, 64, 128) if _divides_all(checkpoint, g))
             raise ConfigError(f"{source}: group size {group_size} does not divide {name} = {width} "
-                              f"(valid here: {', '.join(str(g) for g in (32, 64, 128) if _divides_all(checkpoint, g))})")
+                              f"(valid here: {valid})")
     print(f"llminfer: loading {source} ...", file=sys.stderr, flush=True)
     model = load_model(checkpoint, "float32")
     quantizer.apply(model, calibration=text, calibration_source=calibration_file)

@@ -25,7 +25,15 @@ from llminfer.errors import InvalidPromptError, InvalidSamplingParamsError, Toke
 from llminfer.server.async_engine import AsyncEngine, EngineDeadError, EngineSnapshot
 from llminfer.server.metrics import ServerMetrics
 from llminfer.server.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, LogprobFormatter, new_id, now, parse_body, usage)
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LogprobFormatter,
+    new_id,
+    now,
+    parse_body,
+    usage,
+)
 from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

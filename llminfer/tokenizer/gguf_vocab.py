@@ -60,10 +60,12 @@ def tokenizer_from_gguf_metadata(metadata: dict[str, Any], name: str) -> Tokeniz
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if pre not in PRE_TOKENIZER_SPLITS:
             logger.warning("%s: unknown pre-tokenizer '%s'; using GPT-2's split rules", name, pre)
-        backend = byte_level_bpe(tokens, metadata.get("tokenizer.ggml.merges") or [], PRE_TOKENIZER_SPLITS.get(pre, [_GPT2_SPLIT]))
+        merges = metadata.get("tokenizer.ggml.merges") or []
+        backend = byte_level_bpe(tokens, merges, PRE_TOKENIZER_SPLITS.get(pre, [_GPT2_SPLIT]))
     elif model == "llama":
         scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-        backend = sentencepiece_bpe(tokens, scores, types, add_prefix_space=bool(metadata.get("tokenizer.ggml.add_space_prefix", True)))
+        add_prefix_space = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+        backend = sentencepiece_bpe(tokens, scores, types, add_prefix_space=add_prefix_space)
     else:
         raise TokenizerError(f"{name}: GGUF tokenizer model '{model}' is not supported (supported: gpt2, llama)")
     _add_special_tokens(backend, tokens, types)
@@ -71,7 +73,8 @@ def tokenizer_from_gguf_metadata(metadata: dict[str, Any], name: str) -> Tokeniz
     eos = tokens[eos_id] if eos_id is not None and eos_id < len(tokens) else None
     if add_bos and bos is not None:
         _prepend_bos(backend, bos, bos_id)
-    return Tokenizer(backend, bos_token=bos, eos_token=eos, chat_template=metadata.get("tokenizer.chat_template"), name=name)
+    return Tokenizer(backend, bos_token=bos, eos_token=eos, chat_template=metadata.get("tokenizer.chat_template"),
+                     name=name)
 
 
 def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], splits: list[str]) -> BackendTokenizer:
@@ -94,7 +97,8 @@ def sentencepiece_bpe(tokens: Sequence[str], scores: Sequence[float], types: Seq
     mergeable = {tok: score for tok, score, typ in zip(tokens, scores, types) if typ in (NORMAL, USER_DEFINED)}
     backend = BackendTokenizer(BPE(vocab=vocab, merges=merges_from_scores(vocab, mergeable), unk_token=unk,
                                    fuse_unk=True, byte_fallback=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_prefix_space else "never",
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁",
+                                                     prepend_scheme="first" if add_prefix_space else "never",
                                                      split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix_space:
@@ -143,7 +147,8 @@ def backend_from_sentencepiece(path: Path, add_bos: bool = True) -> BackendToken
 def _add_special_tokens(backend: BackendTokenizer, tokens: Sequence[str], types: Sequence[int]) -> None:
     # Control tokens (<|im_end|>, <s>) are matched whole and skipped when decoding; user-defined
     # ones (<think>) are matched whole but kept in text.
-    control = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
+    control = [AddedToken(tokens[i], special=True, normalized=False)
+               for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
     user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == USER_DEFINED]
     if control:
         backend.add_special_tokens(control)

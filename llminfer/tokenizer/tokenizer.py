@@ -67,7 +67,8 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(backend, bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")),
+        return cls(backend, bos_token=_token_text(config.get("bos_token")),
+                   eos_token=_token_text(config.get("eos_token")),
                    chat_template=template, name=str(folder))
 
     def save(self, folder: str | Path) -> None:
@@ -75,7 +76,8 @@ class Tokenizer:
         self.backend.save(str(folder / "tokenizer.json"))
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template,
                   "tokenizer_class": "PreTrainedTokenizerFast"}
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+        (folder / "tokenizer_config.json").write_text(text, encoding="utf-8")
 
     # --- use ----------------------------------------------------------------------------------
 
