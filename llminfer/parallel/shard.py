@@ -18,6 +18,7 @@ import torch
 
 from llminfer.config import DTYPES, ModelConfig
 from llminfer.errors import ConfigError, ModelFormatError
+from llminfer.files import read_json_object
 from llminfer.loading.checkpoint import Checkpoint
 from llminfer.loading.hf_folder import OUR_CONFIG, HFFolderCheckpoint
 from llminfer.parallel.sharding import ShardPlan, check_tp_size
@@ -52,7 +53,7 @@ def shard_checkpoint(source: str, destination: str | Path, world_size: int, dtyp
             write_shards(_rank_slices(checkpoint, plan, strategy, target), folder, max_shard_bytes, checkpoint.name)
         write_model_files(staging, checkpoint.config, checkpoint.tokenizer())
         if quantization is not None:  # the manifest lists the full tensors; strategy.json gives each rank's share
-            shutil.copy(Path(source) / MANIFEST_FILE, staging / MANIFEST_FILE)
+            shutil.copy(checkpoint.path / MANIFEST_FILE, staging / MANIFEST_FILE)
         (staging / STRATEGY).write_text(json.dumps({"format": "llminfer-tensor-parallel",
                                                     "tensor_parallel_size": world_size, "source": source,
                                                     "tensors": strategy}, indent=1))
@@ -87,10 +88,7 @@ class ShardedCheckpoint(Checkpoint):
     def __init__(self, path: Path, name: str | None = None) -> None:
         super().__init__(name or str(path))
         self.path = path
-        try:
-            self.strategy = json.loads((path / STRATEGY).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelFormatError(f"{path / STRATEGY}: not valid JSON ({exc})") from None
+        self.strategy = read_json_object(path / STRATEGY)
         self.tensor_parallel_size = self.strategy.get("tensor_parallel_size")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ModelFormatError(f"{path / STRATEGY}: missing 'tensor_parallel_size'")
@@ -100,7 +98,7 @@ class ShardedCheckpoint(Checkpoint):
                                        f"rank_{rank}/ is missing")
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(json.loads((self.path / OUR_CONFIG).read_text()), str(self.path / OUR_CONFIG))
+        return ModelConfig.from_dict(read_json_object(self.path / OUR_CONFIG), str(self.path / OUR_CONFIG))
 
     def tensor_names(self) -> list[str]:
         return list(self.strategy["tensors"])
