@@ -22,7 +22,11 @@ class UnsupportedModelError(LLMInferError, ValueError):
 
 
 class InvalidSamplingParamsError(LLMInferError, ValueError):
-    """A sampling parameter outside its allowed range."""
+    """A sampling parameter outside its allowed range; `field` names it."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidPromptError(LLMInferError, ValueError):
@@ -31,6 +35,14 @@ class InvalidPromptError(LLMInferError, ValueError):
 
 class PromptTooLongError(InvalidPromptError):
     """A prompt that leaves no room to generate within the model's context."""
+
+
+class RequestFailedError(LLMInferError, RuntimeError):
+    """One request could not go on (its logits were not finite, say); the engine and other requests did."""
+
+
+# The one message for a request whose logits are NaN or inf, from the engine's sampler and the lite runtime's.
+NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or inf) for this request"
 
 
 class TokenizerError(LLMInferError, ValueError):

@@ -21,6 +21,34 @@ from llminfer.server import AsyncEngine, ServerConfig, ServerState, create_app
 MODEL = "tiny"
 
 
+def wait_healthy(process, url: str, timeout: float = 300.0) -> None:
+    """Wait for a `llminfer serve` subprocess to log that it is ready (its own signal, not a guess of how long
+    loading takes; the bound only catches a hang), then check /health. Its output keeps being drained by a
+    thread, so a chatty server can never block on a full pipe."""
+    ready = threading.Event()
+    lines: list[str] = []
+
+    def drain() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if "ready: serving" in line:
+                ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.2):
+        assert process.poll() is None, "server exited before it was ready:\n" + "".join(lines)
+        assert time.monotonic() < deadline, "server never became ready:\n" + "".join(lines)
+    while True:  # ready means loaded; the socket may still be a moment behind
+        try:
+            if httpx.get(f"{url}/health", timeout=60).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "server never answered /health"
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -412,16 +440,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_chat_folder):
                                 "--port", str(port), "--served-model-name", MODEL, "--max-num-seqs", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became healthy"
-            time.sleep(0.1)
+        wait_healthy(process, url)
         body = {"prompt": "x", "max_tokens": 250, "ignore_eos": True, "stream": True}
 
         async def drain_scenario():

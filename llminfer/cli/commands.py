@@ -8,6 +8,7 @@ import sys
 
 from llminfer.cli.main import model_options, sampling_params
 from llminfer.engine import LLM, SamplingParams
+from llminfer.errors import RequestFailedError
 
 
 def _load(args: argparse.Namespace) -> LLM:
@@ -23,6 +24,9 @@ def _stream(llm: LLM, prompt, params: SamplingParams) -> str:
             sys.stdout.write(output.delta)
             sys.stdout.flush()
             text.append(output.delta)
+        if output.error is not None:
+            sys.stdout.write("\n")
+            raise RequestFailedError(output.error)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(text)

@@ -63,7 +63,8 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """One output per prompt, in the order given. A prompt is text or a list of token ids; params is one
-        SamplingParams for all prompts or one per prompt."""
+        SamplingParams for all prompts or one per prompt. A request that fails alone (non-finite logits)
+        comes back with finish_reason "error" and `.error` saying why; the others are unaffected."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
@@ -74,11 +75,13 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params):
                 requests.append(self.engine.add_request(prompt, p))
-        except Exception:
-            for request in requests:  # all or nothing: do not leave half a batch queued
+            by_id = {o.request_id: o for o in self.engine.run_to_completion()}
+        except BaseException:
+            # All or nothing: a bad prompt, a failed step or Ctrl-C leaves none of this batch queued, so the
+            # next call starts from a clean engine.
+            for request in requests:
                 self.engine.abort(request.group_id)
             raise
-        by_id = {o.request_id: o for o in self.engine.run_to_completion()}
         return [by_id[r.group_id] for r in requests]
 
     def chat(self, messages: Messages | Sequence[Messages],

@@ -17,7 +17,7 @@ from llminfer.engine.request import Request
 from llminfer.engine.sampler import SamplingInput
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.engine.scheduler import Scheduler
-from llminfer.errors import ConfigError, InvalidPromptError, PromptTooLongError
+from llminfer.errors import ConfigError, InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
 from llminfer.kv_cache import KVCacheManager, KVCacheStats, PagedAttentionBackend, PagedKVCache
 from llminfer.model.base import CausalLM
 from llminfer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -69,7 +69,7 @@ class LLMEngine:
                     request_id: str | None = None) -> Request:
         """Queue a prompt; returns its first sample (the others are forked once the prompt is computed)."""
         prompt_text, prompt_ids = self._tokenize(prompt)
-        self.check_fits(prompt_ids, params)
+        self.check_request(prompt_ids, params)
         group_id = request_id or str(next(self._ids))
         if group_id in self._groups:
             raise InvalidPromptError(f"request id '{group_id}' is already in use")
@@ -91,7 +91,12 @@ class LLMEngine:
                                      f"[0, {self.model.config.vocab_size})")
         return None, ids
 
-    def check_fits(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: the model's vocabulary, context and KV pool."""
+        vocab = self.model.config.vocab_size
+        if params.top_k > vocab:
+            raise InvalidSamplingParamsError(f"invalid sampling parameter top_k={params.top_k}: expected at most the "
+                                             f"vocabulary size {vocab} (or 0 / -1 for off)", field="top_k")
         if not prompt_ids:
             raise InvalidPromptError("prompt is empty: expected at least one token")
         total = len(prompt_ids) + params.max_tokens
@@ -151,8 +156,12 @@ class LLMEngine:
         if owners:
             inputs = [SamplingInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in owners]
             sampled = self.runner.sample(logits[rows], inputs)
-            for request, token, logprob in zip(owners, sampled.token_ids, sampled.logprobs):
-                request.append_token(token, self.max_model_len, logprob)
+            for request, token, logprob, error in zip(owners, sampled.token_ids, sampled.logprobs, sampled.errors):
+                if error is not None:
+                    logger.warning("request %s failed: %s", request.request_id, error)
+                    request.fail(error)
+                else:
+                    request.append_token(token, self.max_model_len, logprob)
         self.scheduler.release_finished()
         touched = dict.fromkeys(r.group_id for r in batch.requests)
         return [self._group_output(group_id) for group_id in touched]

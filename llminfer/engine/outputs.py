@@ -12,9 +12,10 @@ class CompletionOutput:
     index: int
     text: str  # generated text, stop string excluded
     token_ids: list[int]  # generated ids
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     delta: str = ""  # text new since the previous step (streaming)
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when SamplingParams.logprobs is set
+    error: str | None = None  # with finish_reason "error": what went wrong (the other requests went on)
 
 
 @dataclass
@@ -43,3 +44,8 @@ class RequestOutput:
     @property
     def delta(self) -> str:
         return self.outputs[0].delta
+
+    @property
+    def error(self) -> str | None:
+        """The first failed sample's error (finish_reason "error"), or None."""
+        return next((c.error for c in self.outputs if c.error is not None), None)

@@ -36,6 +36,7 @@ class Request:
     output_logprobs: list[TokenLogprob] | None = None  # one per output token when params.logprobs is set
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
+    error: str | None = None  # why it finished with finish_reason "error"
     sample_index: int = 0
     pending_forks: int = 0  # samples still to fork from this one once its first token is drawn
     num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
@@ -76,6 +77,10 @@ class Request:
     def abort(self) -> None:
         self.status, self.finish_reason = RequestStatus.FINISHED, "abort"
 
+    def fail(self, error: str) -> None:
+        """This request cannot go on (its logits were not finite): it finishes alone, the engine goes on."""
+        self.status, self.finish_reason, self.error = RequestStatus.FINISHED, "error", error
+
     def _finish(self, reason: str) -> None:
         if reason == "length" and self.stream is not None:
             self.stream.flush()
@@ -91,4 +96,5 @@ class Request:
 
     def to_completion(self) -> CompletionOutput:
         return CompletionOutput(self.sample_index, self.text, list(self.output_token_ids), self.finish_reason,
-                                self.take_delta(), None if self.output_logprobs is None else list(self.output_logprobs))
+                                self.take_delta(), None if self.output_logprobs is None else list(self.output_logprobs),
+                                self.error)

@@ -2,6 +2,10 @@
 
 Order, as in Hugging Face and vLLM: penalties on raw logits, then greedy argmax, or
 temperature -> top-k / top-p / min-p filtering -> softmax -> draw with the request's generator.
+
+A row whose logits are not finite (NaN or +inf: broken weights, an overflow) gets an error instead of a
+token; the other rows are sampled as if it were not there. Every later stage keeps finite rows finite:
+the parameters are bounded by validation, and values are clamped where arithmetic could still overflow.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from llminfer.engine.sampling_params import SamplingParams
+from llminfer.errors import NON_FINITE_LOGITS
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -37,7 +44,18 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
         ids = torch.tensor(output_ids, device=logits.device)
         counts = torch.bincount(ids, minlength=vocab)[:vocab].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+    return _clamp_overflow(logits)
+
+
+def _clamp_overflow(logits: torch.Tensor) -> torch.Tensor:
+    """Logits pushed past float32's range become +-max, not inf: softmax of finite values is never NaN, and a
+    token at -max (a masked one included) still gets probability 0 next to any real logit."""
+    return logits.clamp(min=-_FLOAT32_MAX, max=_FLOAT32_MAX)
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B] bool: no NaN, no +inf, and at least one token that is not -inf (masked)."""
+    return ~(logits.isnan() | (logits == float("inf"))).any(dim=-1) & (logits > float("-inf")).any(dim=-1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -53,7 +71,7 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     remove = rank >= k[:, None]
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
-    remove |= mass_before >= top_p[:, None]
+    remove |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 is off, whatever the rounding
     remove |= probs < min_p[:, None] * probs[:, :1]
     remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
@@ -72,26 +90,32 @@ class TokenLogprob:
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs
+    token_ids: list[int]  # -1 where the row failed
+    logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs (or failed)
+    errors: list[str | None]  # why a row got no token; None for the rows that did
 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingInput]) -> SamplerOutput:
-        """logits: [B, V] float32 -> one token id per row (and its logprobs where asked)."""
+        """logits: [B, V] -> one token id per row (and its logprobs where asked), or that row's error."""
+        logits = logits.float()
+        ok = finite_rows(logits).tolist()
+        errors: list[str | None] = [None if row_ok else NON_FINITE_LOGITS for row_ok in ok]
+        if not all(ok):  # failed rows ride along as zeros, so batched operations stay finite
+            logits = logits.masked_fill(~torch.tensor(ok, device=logits.device)[:, None], 0.0)
         raw_logits = logits
         logits = torch.stack([
             apply_penalties(logits[i], row.params, row.prompt_token_ids, row.output_token_ids)
-            if row.params.has_penalties else logits[i]
+            if row.params.has_penalties and ok[i] else logits[i]
             for i, row in enumerate(rows)
         ])
         chosen = logits.argmax(dim=-1).tolist()
-        sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+        sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy and ok[i]]
         if sampled:
             sub = logits[sampled]
             params = [rows[i].params for i in sampled]
             temperature = torch.tensor([p.temperature for p in params], device=sub.device)
-            sub = sub / temperature[:, None]
+            sub = _clamp_overflow(sub / temperature[:, None])
             sub = filter_logits(
                 sub,
                 torch.tensor([max(p.top_k, 0) for p in params], device=sub.device),
@@ -101,12 +125,18 @@ class Sampler:
             probs = sub.softmax(dim=-1)
             for j, i in enumerate(sampled):
                 chosen[i] = int(torch.multinomial(probs[j], 1, generator=rows[i].generator).item())
-        return SamplerOutput(chosen, token_logprobs(raw_logits, chosen, rows))
+        for i, error in enumerate(errors):
+            if error is not None:
+                chosen[i] = -1
+        logprobs = token_logprobs(raw_logits, chosen, [row if ok[i] else None for i, row in enumerate(rows)])
+        return SamplerOutput(chosen, logprobs, errors)
 
 
-def token_logprobs(logits: torch.Tensor, chosen: list[int], rows: list[SamplingInput]) -> list[TokenLogprob | None]:
-    """Log-probabilities from the raw logits (before penalties and temperature, as vLLM and OpenAI report)."""
-    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+def token_logprobs(logits: torch.Tensor, chosen: list[int],
+                   rows: list[SamplingInput | None]) -> list[TokenLogprob | None]:
+    """Log-probabilities from the raw logits (before penalties and temperature, as vLLM and OpenAI report);
+    rows given as None get none."""
+    wanted = [i for i, row in enumerate(rows) if row is not None and row.params.logprobs is not None]
     result: list[TokenLogprob | None] = [None] * len(rows)
     if not wanted:
         return result

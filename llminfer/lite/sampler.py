@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from llminfer.engine.sampling_params import SamplingParams
+from llminfer.errors import NON_FINITE_LOGITS, RequestFailedError
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: list[int],
@@ -34,7 +37,8 @@ def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float) ->
     ranked = logits[order]
     probs = _softmax(ranked)
     remove = np.arange(ranked.shape[0]) >= (top_k if top_k > 0 else ranked.shape[0])
-    remove |= (np.cumsum(probs) - probs) >= top_p  # probability of the strictly better tokens
+    if top_p < 1:  # top_p 1 is off, whatever the rounding of the cumulative sum
+        remove |= (np.cumsum(probs) - probs) >= top_p  # probability of the strictly better tokens
     remove |= probs < min_p * probs[0]
     remove[0] = False
     filtered = np.empty_like(logits)
@@ -45,12 +49,16 @@ def filter_logits(logits: np.ndarray, top_k: int, top_p: float, min_p: float) ->
 def sample(logits: np.ndarray, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
            rng: np.random.Generator) -> int:
     logits = logits.astype(np.float32)
-    if params.has_penalties:
-        logits = apply_penalties(logits, params, prompt_ids, output_ids)
-    if params.is_greedy:
-        return int(np.argmax(logits))
-    logits = filter_logits(logits / params.temperature, max(params.top_k, 0), params.top_p, params.min_p)
-    probs = _softmax(logits.astype(np.float64))
+    if np.isnan(logits).any() or (logits == np.inf).any() or not (logits > -np.inf).any():
+        raise RequestFailedError(NON_FINITE_LOGITS)
+    with np.errstate(over="ignore"):  # overflow is clipped, as the engine does: finite logits stay finite
+        if params.has_penalties:
+            logits = np.clip(apply_penalties(logits, params, prompt_ids, output_ids), -_FLOAT32_MAX, _FLOAT32_MAX)
+        if params.is_greedy:
+            return int(np.argmax(logits))
+        scaled = np.clip(logits / params.temperature, -_FLOAT32_MAX, _FLOAT32_MAX)
+        logits = filter_logits(scaled, max(params.top_k, 0), params.top_p, params.min_p)
+        probs = _softmax(logits.astype(np.float64))
     return int(rng.choice(probs.shape[0], p=probs / probs.sum()))
 
 

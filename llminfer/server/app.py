@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.sampling_params import SamplingParams
-from llminfer.errors import InvalidPromptError, InvalidSamplingParamsError, TokenizerError
+from llminfer.errors import InvalidPromptError, InvalidSamplingParamsError, RequestFailedError, TokenizerError
 from llminfer.server.async_engine import AsyncEngine, EngineDeadError, EngineSnapshot
 from llminfer.server.metrics import ServerMetrics
 from llminfer.server.protocol import (
@@ -246,15 +246,14 @@ def _sampling_params(state: ServerState, body: Any, prompts: list[list[int]], ma
         raise APIError(400, f"invalid 'n': {body.n} is over this server's cap of {state.config.max_n}", param="n")
     try:
         params = body.sampling_params(max_tokens, logprobs)
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "invalid 'prompt': prompt is empty (no tokens)", param="prompt")
+            state.engine.engine.check_request(ids, params)
     except InvalidSamplingParamsError as exc:
-        raise APIError(400, str(exc)) from None
-    for ids in prompts:
-        if not ids:
-            raise APIError(400, "invalid 'prompt': prompt is empty (no tokens)", param="prompt")
-        try:
-            state.engine.engine.check_fits(ids, params)
-        except InvalidPromptError as exc:
-            raise APIError(400, str(exc), param="max_tokens") from None
+        raise APIError(400, str(exc), param=exc.field) from None
+    except InvalidPromptError as exc:
+        raise APIError(400, str(exc), param="max_tokens") from None
     return params
 
 
@@ -294,6 +293,8 @@ class _Call:
                 index, item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:  # this request failed alone; the finally aborts its siblings
+                    raise RequestFailedError(f"request failed: {item.error}")
                 if self.first_token_at is None and any(c.token_ids for c in item.outputs):
                     self.first_token_at = time.monotonic()
                 if item.finished:
@@ -411,17 +412,20 @@ class _Call:
         return self._chunks(include_usage, "chat.completion.chunk", choice, first)
 
 
-def _engine_error(exc: EngineDeadError | InvalidPromptError) -> APIError:
-    """What a failure reported by the engine means to the client: ours (500) or its own (400)."""
-    if isinstance(exc, EngineDeadError):
+# What the engine can report about a request: the engine's fault or this request's (500), or the client's (400).
+_ENGINE_ERRORS = (EngineDeadError, RequestFailedError, InvalidPromptError, InvalidSamplingParamsError)
+
+
+def _engine_error(exc: Exception) -> APIError:
+    if isinstance(exc, (EngineDeadError, RequestFailedError)):
         return APIError(500, str(exc), error_type="server_error")
-    return APIError(400, str(exc))
+    return APIError(400, str(exc), param=getattr(exc, "field", None))
 
 
 def _engine_result(work: asyncio.Task) -> dict[int, RequestOutput]:
     try:
         return work.result()
-    except (EngineDeadError, InvalidPromptError) as exc:
+    except _ENGINE_ERRORS as exc:
         raise _engine_error(exc) from None
 
 
@@ -437,7 +441,7 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
             async for chunk in chunks:
                 # ASCII escapes: no raw U+2028 / U+0085 that line-splitting clients would cut an event at
                 yield f"data: {json.dumps(chunk)}\n\n"
-        except (EngineDeadError, InvalidPromptError) as exc:  # headers are sent: the error goes in the stream
+        except _ENGINE_ERRORS as exc:  # headers are sent: the error goes in the stream
             yield f"data: {json.dumps(_engine_error(exc).body())}\n\n"
         finally:
             await chunks.aclose()  # a client gone mid-stream: aborts the engine requests now

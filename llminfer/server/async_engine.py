@@ -2,8 +2,9 @@
 (on the asyncio event loop) only submit, read and abort, through a command queue.
 
 The engine is not thread-safe, so nothing but the worker touches it. Outputs travel back to each request's
-asyncio queue with `call_soon_threadsafe`. If a step raises, every in-flight request gets the error, the
-engine is marked failed and the worker stops: a half-updated engine is never stepped again.
+asyncio queue with `call_soon_threadsafe`. A request that fails alone (non-finite logits) finishes with
+finish_reason "error" and the engine goes on. If a step itself raises, every in-flight request gets the
+error, the engine is marked failed and the worker stops: a half-updated engine is never stepped again.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}  # worker-only
         self._stopping = False
+        self._exited = False  # set by the worker before its last look at the command queue
         self._thread = threading.Thread(target=self._run, name="llminfer-engine", daemon=True)
 
     # --- called from the event loop -----------------------------------------------------------
@@ -79,6 +81,9 @@ class AsyncEngine:
 
     @property
     def num_in_flight(self) -> int:
+        """Requests the engine still has to finish: none once it has failed (they were all failed with it)."""
+        if self.error is not None:
+            return 0
         return self.snapshot.num_running + self.num_waiting
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
@@ -92,6 +97,8 @@ class AsyncEngine:
             self._pending_adds += 1
         self._commands.put(("add", request_id, prompt_token_ids, params, stream))
         self._wake.set()
+        if self._exited:  # the worker ended after the check above: nobody else will answer this command
+            self._fail_queued_commands()
         finished = False
         try:
             while not finished:
@@ -140,7 +147,9 @@ class AsyncEngine:
                 stream.put(failure)
             self._streams.clear()
         finally:
+            self._exited = True
             self._fail_queued_commands()
+            self.snapshot = EngineSnapshot()  # nothing runs or waits any more
 
     def _queued_commands(self) -> Iterator[tuple]:
         while True:
@@ -171,6 +180,8 @@ class AsyncEngine:
         failure = EngineDeadError(self._dead_reason())
         for command in self._queued_commands():
             if command[0] == "add":
+                with self._lock:
+                    self._pending_adds -= 1
                 command[4].put(failure)
 
     def _refresh_snapshot(self) -> None:
