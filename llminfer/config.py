@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -26,6 +26,7 @@ SUPPORTED_ARCHITECTURES = {
 # "freq_factors": per-frequency divisors given as a list (GGUF's rope_freqs tensor), no HF equivalent.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype (or what a quantized checkpoint recorded)
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype (or a quantized checkpoint's choice); "int8"
     quantization: str | None = None  # a scheme to quantize a float checkpoint with at load (round-to-nearest)
+    ops: Mapping[str, str] = field(default_factory=dict)  # op -> implementation; others: the device's best
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
@@ -219,14 +221,11 @@ class EngineConfig:
             raise ConfigError(f"device '{self.device}' requested, but this torch build sees no CUDA GPU")
         if self.kv_cache_memory is not None:
             parse_memory(self.kv_cache_memory)  # validate early
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ConfigError(f"kv_cache_dtype '{self.kv_cache_dtype}' is not supported (expected auto or int8)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype '{self.kv_cache_dtype}' is not supported "
+                              f"(expected one of {', '.join(KV_CACHE_DTYPES)})")
         if self.quantization not in (None, "a16w8", "a16w4", "a8w8"):
             raise ConfigError(f"quantization '{self.quantization}' is not supported (expected a16w8, a16w4 or a8w8)")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     def kv_cache_bytes(self) -> int:
         """The KV pool's byte budget: as given, or a share of the device's free memory."""

@@ -137,12 +137,14 @@ def test_abort_mid_generation_frees_blocks_and_spares_the_others(tiny_model):
     assert_pool_empty(engine)
 
 
-def test_reference_and_batched_paged_attention_generate_the_same(tiny_model):
+def test_reference_and_batched_paged_attention_generate_the_same(tiny_llama_folder):
     prompts = make_prompts(6, 40, seed=3)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     results = []
-    for reference in (False, True):
-        engine = LLMEngine(tiny_model, None, EngineConfig(block_size=4), reference_attention=reference)
+    for impl in ("batched", "reference"):
+        model = AutoModel.from_pretrained(tiny_llama_folder, ops=f"paged_decode_attention={impl}")
+        assert model.ops.names()["paged_decode_attention"] == impl
+        engine = LLMEngine(model, None, EngineConfig(block_size=4))
         requests = [engine.add_request(p, params) for p in prompts]
         run_checked(engine)
         results.append([r.output_token_ids for r in requests])

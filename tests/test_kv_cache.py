@@ -12,7 +12,8 @@ from conftest import prefill_logits
 from llminfer import AutoModel, EngineConfig, SamplingParams
 from llminfer.engine.llm_engine import LLMEngine
 from llminfer.kv_cache import KVCacheManager
-from llminfer.kv_cache.paged import DecodeBatch, paged_decode_attention, paged_decode_attention_reference
+from llminfer.kv_cache.paged import DecodeBatch
+from llminfer.ops import OPS
 
 
 def full_recompute_logits(model, ids: list[int]) -> torch.Tensor:
@@ -91,13 +92,18 @@ def test_paged_decode_attention_equals_float64_oracle(num_heads, num_kv_heads, w
     expected = attention_oracle(q, key_cache, value_cache, block_tables, context_lens, 0.3, window)
     batch = DecodeBatch.build(block_tables, context_lens, block_size)
     assert batch.num_shared == shared_prefix_blocks
-    for op in (paged_decode_attention, paged_decode_attention_reference):
-        got = op(q, key_cache, value_cache, batch, 0.3, window)
-        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5, msg=op.__name__)
-    for b in range(len(context_lens)):  # a batch of one takes its own path
-        alone = DecodeBatch.build(block_tables[b:b + 1], context_lens[b:b + 1], block_size)
-        got = paged_decode_attention(q[b:b + 1], key_cache, value_cache, alone, 0.3, window)
-        torch.testing.assert_close(got.double(), expected[b:b + 1], atol=1e-5, rtol=1e-5)
+    implementations = OPS["paged_decode_attention"].implementations
+    assert set(implementations) >= {"reference", "batched"}
+    for impl in implementations.values():  # every registered implementation, and its torch.library op
+        for fn in (impl.fn, impl.custom_op):
+            got = fn(q, key_cache, value_cache, None, None, batch.block_tables, batch.context_lens, batch.num_shared,
+                     0.3, window)
+            torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5, msg=impl.name)
+        for b in range(len(context_lens)):  # a batch of one takes its own path
+            alone = DecodeBatch.build(block_tables[b:b + 1], context_lens[b:b + 1], block_size)
+            got = impl.fn(q[b:b + 1], key_cache, value_cache, None, None, alone.block_tables, alone.context_lens,
+                          alone.num_shared, 0.3, window)
+            torch.testing.assert_close(got.double(), expected[b:b + 1], atol=1e-5, rtol=1e-5, msg=impl.name)
 
 
 class _Req:

@@ -300,23 +300,29 @@ def test_bad_configurations_give_clear_errors():
 # --- int8 KV cache -----------------------------------------------------------------------------------
 
 def test_int8_kv_decode_attention_matches_float_attention():
-    from llminfer.kv_cache.paged import DecodeBatch, Int8Blocks, paged_decode_attention
+    from llminfer.kv_cache.paged import DecodeBatch, PagedKVCache
+    from llminfer.ops import OPS
+    from llminfer.ops.attention import read_blocks
 
     generator = torch.Generator().manual_seed(0)
     shape = (12, 2, 8, 32)
     keys, values = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    int8_keys, int8_values = Int8Blocks(shape, torch.float32, "cpu"), Int8Blocks(shape, torch.float32, "cpu")
-    for cache, source in ((int8_keys, keys), (int8_values, values)):
-        slots = torch.arange(12 * 8)
-        flat = source.transpose(1, 2).reshape(-1, 2, 32)  # [slots, Hkv, D]
-        cache.write(slots // 8, slots % 8, flat)
-    assert ((int8_keys[torch.arange(12)] - keys).abs() <= int8_keys.scales / 2 * 1.0001).all()
+    cache = PagedKVCache(1, 12, 8, 2, 32, torch.float32, "cpu", kv_cache_dtype="int8")
+    slots = torch.arange(12 * 8)
+    flat = [source.transpose(1, 2).reshape(-1, 2, 32) for source in (keys, values)]  # [slots, Hkv, D]
+    OPS["write_kv"].implementations["reference"].fn(*cache.layer(0), slots // 8, slots % 8, *flat)
+    int8_keys, _, key_scales, _ = cache.layer(0)
+    assert int8_keys.dtype == torch.int8
+    dequantized = read_blocks(int8_keys, key_scales, torch.arange(12), torch.float32)
+    assert ((dequantized - keys).abs() <= key_scales / 2 * 1.0001).all()
     tables = torch.tensor([[0, 1, 2, 3], [0, 1, 5, 6], [7, 8, 9, 10]])
     batch = DecodeBatch.build(tables, [30, 27, 9], 8)
     q = torch.randn(3, 4, 32, generator=generator)
-    exact = paged_decode_attention(q, keys, values, batch, 32 ** -0.5)
-    approx = paged_decode_attention(q, int8_keys, int8_values, batch, 32 ** -0.5)
-    torch.testing.assert_close(approx, exact, atol=2e-2, rtol=0)
+    for impl in OPS["paged_decode_attention"].implementations.values():
+        args = (batch.block_tables, batch.context_lens, batch.num_shared, 32 ** -0.5, None)
+        exact = impl.fn(q, keys, values, None, None, *args)
+        approx = impl.fn(q, *cache.layer(0), *args)
+        torch.testing.assert_close(approx, exact, atol=2e-2, rtol=0, msg=impl.name)
 
 
 @pytest.mark.parametrize("weights", [None, "a16w8", "a16w4", "a8w8"])
@@ -392,17 +398,28 @@ def test_quantize_command_bad_input(tiny_llama_folder, tiny_chat_folder, tmp_pat
     assert "stored dtype       bfloat16" in info.stdout
 
 
-def test_a16w8_greedy_on_smollm2_matches_float32_for_the_first_tokens(smollm2_llm):
+def test_a16w8_greedy_choices_on_smollm2_match_float32_wherever_float32_is_clear(smollm2_llm):
     """The real model, quantized at load exactly as `llminfer quantize --scheme a16w8` does, in bfloat16."""
     prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are",
                "Once upon a time"]
+    from conftest import prefill_logits
+
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    expected = [o.outputs[0].token_ids for o in smollm2_llm.generate(prompts, params)]
     quantized = LLM("smollm2-135m", quantization="a16w8", kv_cache_memory="64MiB")
     assert quantized.model.quantization.scheme == "a16w8" and quantized.config.dtype == "bfloat16"
-    got = [o.outputs[0].token_ids for o in quantized.generate(prompts, params)]
-    assert [g[:3] for g in got] == [e[:3] for e in expected]
-    assert sum(g == e for g, e in zip(got, expected)) >= 4  # measured: 4 of 5 identical for all 12 tokens
+    # Teacher-forced along float32's greedy text, so that one near-tie does not decide every later token (and
+    # the CPU's bfloat16 rounding does not decide the test): wherever float32 prefers its token by a clear
+    # margin, A16W8 picks the same. Measured on two CPUs: the only disagreements were at margins below 0.05.
+    decided = agreed = 0
+    for output in smollm2_llm.generate(prompts, params):
+        prefixes = [output.prompt_token_ids + output.token_ids[:i] for i in range(len(output.token_ids))]
+        exact, approx = prefill_logits(smollm2_llm.model, prefixes), prefill_logits(quantized.model, prefixes)
+        best = exact.topk(2, dim=-1).values
+        clear = (best[:, 0] - best[:, 1]) > 0.25
+        same = exact.argmax(-1) == approx.argmax(-1)
+        assert same[clear].all(), (output.prompt, same.tolist())
+        decided, agreed = decided + len(same), agreed + int(same.sum())
+    assert agreed >= 0.9 * decided
 
 
 def test_bench_latency_compares_quantized_folders_in_one_run(quant_folder, tmp_path):

@@ -67,6 +67,8 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
+    if args.ops:
+        return _info_ops(args.device)
     from llminfer.loading import open_checkpoint
 
     checkpoint = open_checkpoint(args.model)
@@ -95,6 +97,21 @@ def info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _info_ops(device: str) -> int:
+    from llminfer.ops import describe_ops
+
+    print(f"ops on {device} (choose with --ops OP=IMPL,...; * = chosen by default)")
+    for row in describe_ops(device):
+        impls = []
+        for impl in row["implementations"]:
+            mark = "*" if impl["name"] == row["chosen"] else " "
+            state = "available" if impl["unavailable"] is None else f"unavailable: {impl['unavailable']}"
+            impls.append(f"    {mark} {impl['name']:<12} priority {impl['priority']:<3} {state}")
+        print(f"{row['op']}: {row['doc']}")
+        print("\n".join(impls))
     return 0
 
 

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print a model's architecture, sizes and dtype")
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    info.add_argument("--ops", action="store_true", help="list every op, its implementations, which run on this "
+                                                         "device and which is chosen (no model is read)")
+    info.add_argument("--device", default="cpu", help="the device --ops resolves for (default: cpu)")
     info.set_defaults(handler=_lazy("llminfer.cli.commands", "info"))
 
     convert = commands.add_parser("convert", help="convert an HF folder or GGUF file to llminfer's format")
@@ -199,6 +202,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=["a16w8", "a16w4", "a8w8"],
                         help="quantize a float checkpoint at load (round-to-nearest; a16w4 uses groups of 32); "
                              "for GPTQ, SmoothQuant or other group sizes use `llminfer quantize`")
+    parser.add_argument("--ops", metavar="OP=IMPL,...",
+                        help="op implementations, e.g. rms_norm=reference,paged_decode_attention=batched "
+                             "(default: the best available on the device; see `llminfer info --ops`)")
     parser.add_argument("--tensor-parallel-size", "--tp", type=positive_int, default=1,
                         help="run as N processes that each hold 1/N of the weights and KV cache (started here; "
                              "or start them with torchrun --nproc-per-node N -m llminfer ...)")
@@ -209,7 +215,8 @@ def model_options(args: argparse.Namespace) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun the flag may be left out
     return {"dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
             "kv_cache_memory": args.kv_cache_memory, "kv_cache_dtype": args.kv_cache_dtype,
-            "quantization": args.quantization, "tensor_parallel_size": max(args.tensor_parallel_size, world)}
+            "quantization": args.quantization, "tensor_parallel_size": max(args.tensor_parallel_size, world),
+            "ops": args.ops}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

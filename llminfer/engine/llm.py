@@ -15,6 +15,7 @@ from llminfer.kv_cache import KVCacheStats
 from llminfer.loading import open_checkpoint
 from llminfer.loading.default_models import DEFAULT_MODEL
 from llminfer.model.auto import load_model, load_time_quantization
+from llminfer.ops import parse_ops_spec, resolve_ops
 from llminfer.parallel.sharding import ShardPlan
 
 logger = logging.getLogger(__name__)
@@ -30,15 +31,19 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  kv_cache_memory: int | float | str | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
-                 quantization: str | None = None, tensor_parallel_size: int = 1) -> None:
+                 quantization: str | None = None, tensor_parallel_size: int = 1,
+                 ops: str | dict[str, str] | None = None) -> None:
         """dtype 'auto': float32, or bfloat16 for a quantized model. kv_cache_dtype 'int8' stores keys and values
         as int8. quantization (a16w8 | a16w4 | a8w8) quantizes a float checkpoint at load time.
         tensor_parallel_size N: this process is one of N ranks started by `llminfer ... --tensor-parallel-size N`
-        or torchrun; ranks other than 0 serve rank 0's steps inside this constructor and then exit."""
+        or torchrun; ranks other than 0 serve rank 0's steps inside this constructor and then exit.
+        ops: which implementation each op uses, 'rms_norm=reference,paged_decode_attention=batched' or a dict
+        (default: the best available on the device; `llminfer info --ops` lists them)."""
         self.config = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                                   kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+                                   kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                                   ops=parse_ops_spec(ops))
         checkpoint = open_checkpoint(model)
         self.model_name = model
         self.checkpoint_format = checkpoint.format
@@ -47,7 +52,7 @@ class LLM:
         self.tensor_parallel_size = world
         plan = (ShardPlan(checkpoint.config, rank, world, load_time_quantization(checkpoint, quantization))
                 if world > 1 else None)
-        self.model = load_model(checkpoint, dtype, device, quantization, plan)
+        self.model = load_model(checkpoint, dtype, device, quantization, plan, resolve_ops(self.config.ops, device))
         self.config = replace(self.config, dtype=str(self.model.dtype).replace("torch.", ""))
         self.tokenizer = self.model.tokenizer
         if rank > 0:
@@ -140,6 +145,6 @@ def _serve_rank(model, config: EngineConfig) -> None:
     num_blocks = share_cache_shape(None)
     cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads, cfg.head_dim,
                          model.dtype, model.device, resolve_kv_cache_dtype(config, model))
-    follow(ModelRunner(model, cache, PagedAttentionBackend(cache)))
+    follow(ModelRunner(model, cache, PagedAttentionBackend(cache, model.ops)))
     dist.destroy_process_group()
     raise SystemExit(0)

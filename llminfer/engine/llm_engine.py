@@ -28,8 +28,7 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig,
-                 extra_stop_token_ids: Sequence[int] = (), model_identity: str = "",
-                 reference_attention: bool = False) -> None:
+                 extra_stop_token_ids: Sequence[int] = (), model_identity: str = "") -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         model_len = model.config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_len, model_len)
@@ -46,7 +45,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, f"{model_identity or repr(cfg)}|{self.kv_cache_dtype}",
                                  config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, PagedAttentionBackend(self.cache, reference=reference_attention))
+        self.runner = ModelRunner(model, self.cache, PagedAttentionBackend(self.cache, model.ops))
         self._groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
 

@@ -1,9 +1,9 @@
 """The attention layer and the interface to the backend that owns the KV cache.
 
 The layer knows heads, scale and window; it never touches the cache. Each forward pass the model
-runner hands in a `ForwardContext`: the backend (which owns the KV cache and the kernels) and the
-batch's `AttentionMetadata`. Swapping the contiguous cache for a paged one means a new backend,
-not a new model.
+runner hands in a `ForwardContext`: the backend (which owns the KV cache and calls the attention ops)
+and the batch's `AttentionMetadata`. Another cache layout or kernel family means a new backend, not a
+new model.
 """
 
 from __future__ import annotations
@@ -31,10 +31,6 @@ class AttentionMetadata:
     @property
     def query_lens(self) -> list[int]:
         return [b - a for a, b in zip(self.query_start_loc, self.query_start_loc[1:])]
-
-    @property
-    def is_pure_decode(self) -> bool:
-        return all(n == 1 for n in self.query_lens)
 
 
 class AttentionBackend(ABC):
@@ -67,12 +63,3 @@ class Attention(nn.Module):
         out = ctx.backend.forward(self, q, k, v, ctx.metadata)  # [T, Hq, D]
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
-
-def visibility_mask(query_positions: torch.Tensor, num_keys: int, sliding_window: int | None) -> torch.Tensor:
-    """[Q, K] bool: key j is visible to a query at absolute position p iff j <= p (and p - j < window)."""
-    keys = torch.arange(num_keys, device=query_positions.device)
-    offset = query_positions[:, None] - keys[None, :]
-    visible = offset >= 0
-    if sliding_window is not None:
-        visible &= offset < sliding_window
-    return visible

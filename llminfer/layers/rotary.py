@@ -1,10 +1,14 @@
 """Rotary position embedding (Su et al., 2021) in the rotate-half layout of Hugging Face checkpoints."""
 
+from __future__ import annotations
+
 import math
 from typing import Any
 
 import torch
 from torch import nn
+
+from llminfer.ops import OpSet, default_ops
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -37,8 +41,10 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
 class RotaryEmbedding(nn.Module):
     """Precomputes cos/sin for every position once; forward looks them up by position id."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 ops: OpSet | None = None) -> None:
         super().__init__()
+        self.ops = ops or default_ops()
         self._settings = (head_dim, max_positions, theta, scaling)
         self.register_buffer("cos", None, persistent=False)
         self.register_buffer("sin", None, persistent=False)
@@ -53,7 +59,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate x: [T, H, D] by each token's position ([T]). Queries and keys may be rotated in one call."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return self.ops.rotary_embedding(positions, x, self.cos, self.sin)

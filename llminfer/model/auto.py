@@ -13,6 +13,7 @@ from llminfer.errors import ConfigError
 from llminfer.loading.checkpoint import Checkpoint
 from llminfer.model.base import CausalLM
 from llminfer.model.llama import LlamaForCausalLM
+from llminfer.ops import OpSet, resolve_ops
 from llminfer.parallel.sharding import ShardPlan
 from llminfer.quantization.config import QuantizationConfig
 
@@ -27,8 +28,9 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                quantization: QuantizationConfig | None = None) -> CausalLM:
-    """An uninitialised network of the config's shape (weights are loaded afterwards).
+                quantization: QuantizationConfig | None = None, ops: OpSet | None = None) -> CausalLM:
+    """An uninitialised network of the config's shape (weights are loaded afterwards), calling `ops` (default:
+    the best implementations available on `device`).
 
     With a quantization config, the linear layers it names are built as quantized layers and no float
     weight is ever allocated for them: the float skeleton is built on the meta device first.
@@ -38,7 +40,7 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device:
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device if quantization is None else "meta"):
-            model = MODEL_REGISTRY[config.model_type](config)
+            model = MODEL_REGISTRY[config.model_type](config, ops or resolve_ops(None, device))
         if quantization is not None:
             from llminfer.quantization.apply import build_quantized_layers
 
@@ -53,11 +55,11 @@ class AutoModel:
 
     @staticmethod
     def from_config(config: ModelConfig | str | Path, dtype: str = "float32", device: str = "cpu",
-                    seed: int | None = 0) -> CausalLM:
+                    seed: int | None = 0, ops: str | dict[str, str] | None = None) -> CausalLM:
         """A network with small random weights, built from a ModelConfig or a YAML/JSON config file."""
         if not isinstance(config, ModelConfig):
             config = load_model_config_file(config)
-        model = build_model(config, _dtype(dtype), device)
+        model = build_model(config, _dtype(dtype), device, ops=resolve_ops(ops, device))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -69,17 +71,19 @@ class AutoModel:
 
     @staticmethod
     def from_pretrained(model: str | Path, dtype: str = "auto", device: str = "cpu",
-                        quantization: str | None = None) -> CausalLM:
+                        quantization: str | None = None, ops: str | dict[str, str] | None = None) -> CausalLM:
         """Load an HF folder, a GGUF file, a converted or quantized folder, a hub id or an alias like
         'smollm2-135m'. dtype 'auto' is float32, or bfloat16 for quantized models. `quantization` (a scheme)
-        quantizes a float checkpoint at load by round-to-nearest, or must match a quantized checkpoint's."""
+        quantizes a float checkpoint at load by round-to-nearest, or must match a quantized checkpoint's.
+        `ops` picks op implementations ('rms_norm=reference,...'; default: the best available here)."""
         from llminfer.loading import open_checkpoint
 
-        return load_model(open_checkpoint(str(model)), dtype, device, quantization)
+        return load_model(open_checkpoint(str(model)), dtype, device, quantization, ops=resolve_ops(ops, device))
 
 
 def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
-               quantization: str | None = None, shard_plan: ShardPlan | None = None) -> CausalLM:
+               quantization: str | None = None, shard_plan: ShardPlan | None = None,
+               ops: OpSet | None = None) -> CausalLM:
     """A ready network (tokenizer attached) from a checkpoint. Quantized checkpoints are built quantized and
     their packed weights loaded directly: no float weight of a quantized layer is ever created. With a shard
     plan, this rank's share of the network, reading only its slice of each tensor."""
@@ -99,11 +103,11 @@ def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
             tensors = ((name, shard_plan.shard(name, tensor)) for name, tensor in checkpoint.named_tensors())
     tensors = tensors if tensors is not None else checkpoint.named_tensors()
     if stored is not None:
-        network = build_model(config, _dtype(dtype), device, replace(stored, compute_dtype=dtype))
+        network = build_model(config, _dtype(dtype), device, replace(stored, compute_dtype=dtype), ops)
         network.load_weights(tensors, source=checkpoint.name)
     else:
         # Float weights are loaded in float32 when they are about to be quantized: rounding happens once.
-        network = build_model(config, torch.float32 if quantization else _dtype(dtype), device)
+        network = build_model(config, torch.float32 if quantization else _dtype(dtype), device, ops=ops)
         network.load_weights(tensors, source=checkpoint.name)
         if quantization:
             from llminfer.quantization import RTN, PTQConfig

@@ -13,6 +13,7 @@ from llminfer.config import ModelConfig
 from llminfer.errors import ModelFormatError
 from llminfer.layers.attention import ForwardContext
 from llminfer.layers.linear import default_weight_loader
+from llminfer.ops import OpSet
 
 if TYPE_CHECKING:
     from llminfer.quantization.config import QuantizationConfig
@@ -27,9 +28,10 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 class CausalLM(nn.Module):
     packed_modules_mapping: dict[str, tuple[str, str | int]] = {}
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
         super().__init__()
         self.config = config
+        self.ops = ops  # the implementation of every op, chosen for this model's device
         self.tokenizer: Tokenizer | None = None  # attached by AutoModel.from_pretrained when the checkpoint has one
         self.quantization: QuantizationConfig | None = None  # set when the linear layers are quantized
 

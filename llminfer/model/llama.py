@@ -12,23 +12,23 @@ import torch
 from torch import nn
 
 from llminfer.config import ModelConfig
-from llminfer.layers.activation import silu_and_mul
 from llminfer.layers.attention import Attention, ForwardContext
 from llminfer.layers.linear import Linear, MergedLinear
 from llminfer.layers.norm import RMSNorm
 from llminfer.layers.rotary import RotaryEmbedding
 from llminfer.model.base import CausalLM
+from llminfer.ops import OpSet
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops: OpSet) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
-                                     bias=config.attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size)
+                                     bias=config.attention_bias, ops=ops)
+        self.o_proj = Linear(self.q_size, config.hidden_size, ops=ops)
         self.rotary_emb = [rotary_emb]  # a list, so the shared module is not registered once per layer
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, config.sliding_window)
 
@@ -42,44 +42,55 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(config.hidden_size, {0: config.intermediate_size, 1: config.intermediate_size})
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj = MergedLinear(config.hidden_size, {0: config.intermediate_size, 1: config.intermediate_size},
+                                         ops=ops)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, ops=ops)
+        self.act_and_mul = ops.silu_and_mul  # SwiGLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+    """x + attn(norm(x)), then + mlp(norm(.)). The residual stream is carried beside the hidden state, so each
+    residual add is fused into the norm that follows it."""
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), ctx)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops: OpSet) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.mlp = LlamaMLP(config, ops)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:  # the first layer: the residual stream starts as the embeddings
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, ctx)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                          config.rope_scaling)
+                                          config.rope_scaling, ops)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, self.rotary_emb, ops) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, H]
+        hidden, residual = self.embed_tokens(input_ids), None  # [T, H]
         for layer in self.layers:
-            hidden = layer(positions, hidden, ctx)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, ctx)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):
@@ -92,10 +103,10 @@ class LlamaForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
+        super().__init__(config, ops)
+        self.model = LlamaModel(config, ops)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, ops=ops)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -37,7 +37,7 @@ class RowParallelLinear(Linear):
     """Input columns split across ranks: each computes a partial x_r W_r^T; the sum is all-reduced."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        partial = self.ops.linear(x, self.weight, None)
         communication.run(dist.all_reduce, partial)
         return partial + self.bias if self.bias is not None else partial
 

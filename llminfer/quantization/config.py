@@ -7,13 +7,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from llminfer.config import DTYPES
+from llminfer.config import DTYPES, KV_CACHE_DTYPES
 from llminfer.errors import ConfigError
 
 # scheme -> (weight dtype, activation dtype at run time; None = the compute dtype)
 SCHEMES = {"a16w8": ("int8", None), "a16w4": ("int4", None), "a8w8": ("int8", "int8")}
 ALGORITHMS = ("rtn", "gptq", "smoothquant")
-KV_CACHE_DTYPES = ("auto", "int8")
 MANIFEST_FILE = "quantization.json"
 
 

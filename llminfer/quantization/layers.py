@@ -4,19 +4,18 @@ Each class stores what its checkpoint stores (`qweight`, `scales`, `zeros`, `smo
 it back in the same layout (`checkpoint_tensors`), so a converted model saves and reloads bit for bit.
 They replace `Linear` / `MergedLinear` one for one; the model file does not change.
 
-Kernels: on CPU, PyTorch's int8 weight-only matmul (`_weight_int8pack_mm`), its packed int4 matmul
-(`_weight_int4pack_mm_for_cpu`) and `torch._int_mm` for A8W8. On CUDA, the int4 tinygemm kernel and
-`torch._int_mm`; A16W8 on CUDA has no PyTorch kernel and runs dequantize-then-matmul (untested here:
-no GPU on the development machine).
+Products: the ops `int8_weight_linear`, `int4_weight_linear` and `int8_int8_linear` of the layer's OpSet
+(their reference implementations call PyTorch's `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu` /
+the CUDA tinygemm kernel, and `torch._int_mm`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llminfer.layers.linear import Linear
+from llminfer.ops import OpSet, default_ops
 from llminfer.quantization import functional as Q
 from llminfer.quantization.config import QuantizationConfig
 
@@ -26,9 +25,11 @@ def _frozen(tensor: torch.Tensor) -> nn.Parameter:
 
 
 class QuantizedLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
+                 ops: OpSet | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.ops = ops or default_ops()
         self.compute_dtype = compute_dtype
         self.bias = _frozen(torch.zeros(out_features, dtype=compute_dtype)) if bias else None
 
@@ -46,10 +47,6 @@ class QuantizedLinear(nn.Module):
         """Tensor suffix -> value, in checkpoint layout."""
         raise NotImplementedError
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float weight [N, K] this layer represents (for tests and analysis)."""
-        raise NotImplementedError
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -58,14 +55,14 @@ class Int8WeightOnlyLinear(QuantizedLinear):
     """A16W8: y = x (q * scale)^T, int8 weights with one scale per output channel."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
-        super().__init__(in_features, out_features, bias, compute_dtype)
+                 compute_dtype: torch.dtype = torch.bfloat16, ops: OpSet | None = None) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, ops)
         self.qweight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8))  # [N, K]
         self.scales = _frozen(torch.ones(out_features, dtype=compute_dtype))  # [N]; the kernel wants x's dtype
 
     @classmethod
     def from_float(cls, linear: Linear, config: QuantizationConfig, **state: torch.Tensor) -> "Int8WeightOnlyLinear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, _dtype(config))
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, _dtype(config), linear.ops)
         q, scale = Q.quantize_int8_per_channel(linear.weight)
         layer.qweight.data = q.to(linear.weight.device)
         layer.scales.data = scale.to(layer.compute_dtype)
@@ -73,18 +70,12 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = self._flat(x)
-        if flat.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
-        else:
-            y = F.linear(flat, self.qweight.to(flat.dtype)) * self.scales
+        y = self.ops.int8_weight_linear(self._flat(x), self.qweight, self.scales)
         return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scales": self.scales}
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return Q.dequantize_int8_per_channel(self.qweight, self.scales)
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
@@ -97,8 +88,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 compute_dtype: torch.dtype = torch.bfloat16, group_size: int = 64) -> None:
-        super().__init__(in_features, out_features, bias, compute_dtype)
+                 compute_dtype: torch.dtype = torch.bfloat16, group_size: int = 64, ops: OpSet | None = None) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, ops)
         Q.check_group_size(in_features, group_size)
         self.group_size = group_size
         groups = in_features // group_size
@@ -114,7 +105,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
                    scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> "Int4WeightOnlyLinear":
         """Round-to-nearest, or the levels and grid a calibration method (GPTQ) chose."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, _dtype(config),
-                    config.group_size)
+                    config.group_size, linear.ops)
         if q is None:
             q, scale, zero = Q.quantize_int4_groups(linear.weight, config.group_size)
         device = linear.weight.device
@@ -150,9 +141,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
 
     def _int4_matmul(self, flat: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        if flat.device.type == "cpu":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, table)
-        return torch.ops.aten._weight_int4pack_mm(flat, self.qweight, self.group_size, table)
+        return self.ops.int4_weight_linear(flat, self.qweight, self.group_size, table)
 
     def _levels(self) -> torch.Tensor:
         """Recover the levels [N, K] from the kernel's opaque layout by multiplying with the identity:
@@ -174,9 +163,6 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         scale, zero = self._scales_zeros()
         return {"qweight": Q.pack_int4(self._levels()), "scales": scale.to(self.compute_dtype), "zeros": zero}
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return Q.dequantize_int4_groups(self._levels(), *self._scales_zeros())
-
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
 
@@ -186,8 +172,9 @@ class Int8DynamicLinear(QuantizedLinear):
     the SmoothQuant factors, when present); int8 x int8 -> int32 matmul; rescaled to the compute dtype."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 compute_dtype: torch.dtype = torch.bfloat16, smoothing: bool = False) -> None:
-        super().__init__(in_features, out_features, bias, compute_dtype)
+                 compute_dtype: torch.dtype = torch.bfloat16, smoothing: bool = False,
+                 ops: OpSet | None = None) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, ops)
         self.qweight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8))
         self.scales = _frozen(torch.ones(out_features, dtype=torch.float32))
         self.smooth = _frozen(torch.ones(in_features, dtype=torch.float32)) if smoothing else None
@@ -196,7 +183,7 @@ class Int8DynamicLinear(QuantizedLinear):
     def from_float(cls, linear: Linear, config: QuantizationConfig,
                    smooth: torch.Tensor | None = None) -> "Int8DynamicLinear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, _dtype(config),
-                    smoothing=config.smoothing)
+                    smoothing=config.smoothing, ops=linear.ops)
         weight = linear.weight.float()
         if config.smoothing:
             smooth = smooth if smooth is not None else torch.ones(linear.in_features)
@@ -212,10 +199,7 @@ class Int8DynamicLinear(QuantizedLinear):
         if self.smooth is not None:
             flat = flat / self.smooth
         xq, x_scale = Q.quantize_int8_per_token(flat, self._row_absmax(flat))
-        if xq.device.type == "cuda" and xq.shape[0] <= 16:  # the CUDA kernel needs more than 16 rows
-            xq = F.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
-        acc = torch._int_mm(xq, self.qweight.t())[: flat.shape[0]]  # [M, N] int32
-        y = (acc.float() * x_scale * self.scales).to(x.dtype)
+        y = self.ops.int8_int8_linear(xq, x_scale, self.qweight, self.scales).to(x.dtype)
         return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
 
     def _row_absmax(self, flat: torch.Tensor) -> torch.Tensor:
@@ -229,9 +213,6 @@ class Int8DynamicLinear(QuantizedLinear):
             tensors["smooth"] = self.smooth
         return tensors
 
-    def dequantized_weight(self) -> torch.Tensor:
-        weight = Q.dequantize_int8_per_channel(self.qweight, self.scales)
-        return weight / self.smooth[None, :] if self.smooth is not None else weight
 
 
 LAYER_CLASSES = {"a16w8": Int8WeightOnlyLinear, "a16w4": Int4WeightOnlyLinear, "a8w8": Int8DynamicLinear}
@@ -239,12 +220,12 @@ LAYER_CLASSES = {"a16w8": Int8WeightOnlyLinear, "a16w4": Int4WeightOnlyLinear, "
 
 def empty_quantized_linear(linear: Linear, config: QuantizationConfig) -> QuantizedLinear:
     """The quantized layer that takes `linear`'s place, to be filled from a quantized checkpoint."""
-    dtype, has_bias = _dtype(config), linear.bias is not None
+    dtype, has_bias, ops = _dtype(config), linear.bias is not None, linear.ops
     if config.scheme == "a16w4":
-        return Int4WeightOnlyLinear(linear.in_features, linear.out_features, has_bias, dtype, config.group_size)
+        return Int4WeightOnlyLinear(linear.in_features, linear.out_features, has_bias, dtype, config.group_size, ops)
     if config.scheme == "a8w8":
-        return Int8DynamicLinear(linear.in_features, linear.out_features, has_bias, dtype, config.smoothing)
-    return Int8WeightOnlyLinear(linear.in_features, linear.out_features, has_bias, dtype)
+        return Int8DynamicLinear(linear.in_features, linear.out_features, has_bias, dtype, config.smoothing, ops)
+    return Int8WeightOnlyLinear(linear.in_features, linear.out_features, has_bias, dtype, ops)
 
 
 def _dtype(config: QuantizationConfig) -> torch.dtype:
