@@ -12,9 +12,10 @@ from llminfer.errors import RequestFailedError
 
 
 def _load(args: argparse.Namespace) -> LLM:
+    options = model_options(args)  # a bad option fails before the loading line
     if os.environ.get("RANK", "0") == "0":  # tensor-parallel followers stay quiet
         print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
-    return LLM(args.model, **model_options(args))
+    return LLM(args.model, **options)
 
 
 def _stream(llm: LLM, prompt, params: SamplingParams) -> str:

@@ -211,12 +211,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_options(args: argparse.Namespace) -> dict:
-    """The LLM(...) keyword arguments that _model_arguments defines."""
+    """The LLM(...) keyword arguments that _model_arguments defines (--ops checked here, before any load)."""
+    from llminfer.ops import parse_ops_spec
+
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun the flag may be left out
     return {"dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
             "kv_cache_memory": args.kv_cache_memory, "kv_cache_dtype": args.kv_cache_dtype,
             "quantization": args.quantization, "tensor_parallel_size": max(args.tensor_parallel_size, world),
-            "ops": args.ops}
+            "ops": parse_ops_spec(args.ops)}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
