@@ -15,25 +15,22 @@ from typing import Any, Mapping
 
 import torch
 
+from llminfer.architectures import ARCHITECTURES, architecture_of, supported_hf_names
 from llminfer.errors import ConfigError, UnsupportedModelError
 
-# HF `architectures` / `model_type` names that our Llama-family network implements.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
 # "freq_factors": per-frequency divisors given as a list (GGUF's rope_freqs tensor), no HF equivalent.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # the op each is: silu_and_mul, gelu_tanh_and_mul
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype (or what a quantized checkpoint recorded)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a Llama-family decoder. Field names follow Hugging Face's config.json."""
+    """The shape of a decoder-only transformer. Field names follow Hugging Face's config.json; the
+    architecture registry (llminfer.architectures) says which fields each model_type reads."""
 
-    model_type: str  # "llama" | "mistral" | "qwen2"
+    model_type: str  # a key of llminfer.architectures.ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -47,7 +44,12 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has q/k/v biases
-    sliding_window: int | None = None  # Mistral
+    sliding_window: int | None = None  # Mistral: every layer; Gemma 3: the sliding_attention layers
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each query and key head before rotary
+    layer_types: tuple[str, ...] | None = None  # Gemma 3: "sliding_attention" / "full_attention" per layer
+    rope_local_base_freq: float | None = None  # Gemma 3: rope theta of the sliding layers
+    query_pre_attn_scalar: float | None = None  # Gemma 3: attention scale is this ** -0.5, not head_dim ** -0.5
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     torch_dtype: str = "float32"  # dtype the checkpoint was stored in
@@ -58,11 +60,18 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model config field '{name}' must be a positive integer, got {value!r}")
-        if self.model_type not in SUPPORTED_ARCHITECTURES.values():
-            raise UnsupportedModelError(
-                f"model_type '{self.model_type}' is not supported "
-                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES.values()))})"
-            )
+        architecture_of(self.model_type)  # refuses an unknown one, naming the supported
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise UnsupportedModelError(f"hidden activation '{self.hidden_act}' is not supported "
+                                        f"(supported: {', '.join(HIDDEN_ACTS)})")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} "
+                                  "layers")
+            unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
+            if unknown:
+                raise UnsupportedModelError(f"layer type '{sorted(unknown)[0]}' is not supported "
+                                            "(supported: sliding_attention, full_attention)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -79,6 +88,12 @@ class ModelConfig:
         if not self.rope_scaling:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The attention window of one layer (None: it sees the whole context)."""
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
     @property
     def num_parameters(self) -> int:
@@ -102,10 +117,13 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        sliding = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-            sliding = None
+        fields = {"attention_bias": bool(hf.get("attention_bias", False)), "sliding_window": hf.get("sliding_window"),
+                  "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+                  "rope_theta": float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta",
+                                                                                                 10000.0))),
+                  "rope_scaling": _rope_scaling_of(hf)}
         try:
+            fields.update(ARCHITECTURES[model_type].hf_config(hf, source))
             return cls(
                 model_type=model_type,
                 vocab_size=hf["vocab_size"],
@@ -117,30 +135,27 @@ class ModelConfig:
                 head_dim=head_dim,
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-                rope_scaling=_rope_scaling_of(hf),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-                sliding_window=sliding,
+                **fields,
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=eos_ids,
                 torch_dtype=_dtype_name(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
             )
-        except TypeError as exc:  # e.g. a string where a number belongs
+        except (TypeError, KeyError) as exc:  # e.g. a string where a number belongs
             raise ConfigError(f"{source}: {exc}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The equivalent Hugging Face config.json, so converted folders also load in transformers."""
-        arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.model_type]
+        architecture = ARCHITECTURES[self.model_type]
         hf = {
-            "architectures": [arch],
-            "model_type": self.model_type,
+            "architectures": [architecture.hf_architectures[0]],
+            "model_type": architecture.hf_model_types[0],
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model_type"},
         }
         hf["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
-        hf["hidden_act"] = "silu"
-        if self.model_type == "qwen2":
-            hf["use_sliding_window"] = self.sliding_window is not None
+        hf["hidden_activation"] = self.hidden_act  # Gemma's name for it
+        hf["use_sliding_window"] = self.sliding_window is not None  # Qwen's switch
+        if self.layer_types is not None:
+            hf["layer_types"] = list(self.layer_types)
         return hf
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +175,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
         data = dict(data)
         data["eos_token_id"] = tuple(data.get("eos_token_id") or ())
+        if data.get("layer_types") is not None:
+            data["layer_types"] = tuple(data["layer_types"])
         try:
             return cls(**data)
         except TypeError as exc:
@@ -277,18 +294,17 @@ def _free_memory_bytes(device: str) -> int:
 
 def _model_type_of(hf: dict[str, Any], source: str) -> str:
     for arch in hf.get("architectures") or ():
-        if arch in SUPPORTED_ARCHITECTURES:
-            return SUPPORTED_ARCHITECTURES[arch]
-    model_type = hf.get("model_type")
-    if model_type in SUPPORTED_ARCHITECTURES.values():
-        return model_type
-    named = (hf.get("architectures") or [model_type])[0]
+        for entry in ARCHITECTURES.values():
+            if arch in entry.hf_architectures:
+                return entry.model_type
+    for entry in ARCHITECTURES.values():
+        if hf.get("model_type") in entry.hf_model_types:
+            return entry.model_type
+    named = (hf.get("architectures") or [hf.get("model_type")])[0]
     if named is None:
         raise ConfigError(f"{source}: missing required field 'architectures' (or 'model_type')")
-    raise UnsupportedModelError(
-        f"{source}: architecture '{named}' is not supported "
-        f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
-    )
+    raise UnsupportedModelError(f"{source}: architecture '{named}' is not supported "
+                                f"(supported: {', '.join(supported_hf_names())})")
 
 
 def _rope_scaling_of(hf: dict[str, Any]) -> dict[str, Any] | None:

@@ -205,7 +205,12 @@ def test_llama_3_1_rope_factors_are_recognised_as_hf_llama3_scaling():
 
 
 def test_gguf_tensor_names_map_to_hf():
-    assert hf_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
-    assert hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
-    assert hf_name("output_norm.weight") == "model.norm.weight"
-    assert hf_name("rope_freqs.weight") is None
+    from llminfer.architectures import ARCHITECTURES
+
+    LLAMA = ARCHITECTURES["llama"]  # noqa: N806
+    assert hf_name("blk.2.attn_q_norm.weight", ARCHITECTURES["qwen3"]) == "model.layers.2.self_attn.q_norm.weight"
+    assert hf_name("blk.2.attn_q_norm.weight", LLAMA) is None
+    assert hf_name("blk.3.attn_q.weight", LLAMA) == "model.layers.3.self_attn.q_proj.weight"
+    assert hf_name("blk.0.ffn_down.weight", LLAMA) == "model.layers.0.mlp.down_proj.weight"
+    assert hf_name("output_norm.weight", LLAMA) == "model.norm.weight"
+    assert hf_name("rope_freqs.weight", LLAMA) is None

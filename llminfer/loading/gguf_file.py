@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
+from llminfer.architectures import ARCHITECTURES, Architecture
 from llminfer.config import ModelConfig
 from llminfer.errors import ModelFormatError, UnsupportedModelError
 from llminfer.layers.rotary import rope_inverse_frequencies
@@ -26,35 +27,28 @@ logger = logging.getLogger(__name__)
 
 Q = GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K}
-ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, architecture: Architecture) -> str | None:
     """HF parameter name of a GGUF tensor, or None for tensors the network does not use."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _BLOCK_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.{match.group(3)}"
+    block_names = architecture.gguf_block_names
+    if match and match.group(2) in block_names:
+        return f"model.layers.{match.group(1)}.{block_names[match.group(2)]}.{match.group(3)}"
     return None
+
+
+def gguf_architectures() -> dict[str, Architecture]:
+    return {a.gguf_architecture: a for a in ARCHITECTURES.values() if a.gguf_architecture}
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -90,9 +84,11 @@ class GGUFCheckpoint(Checkpoint):
             message = f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc})".splitlines()[0]
             raise ModelFormatError(message) from None
         self.architecture = self.metadata.get("general.architecture")
-        if self.architecture not in ARCHITECTURES:
+        known = gguf_architectures()
+        if self.architecture not in known:
             raise UnsupportedModelError(f"{path}: GGUF architecture '{self.architecture}' is not supported "
-                                        f"(supported: {', '.join(ARCHITECTURES)})")
+                                        f"(supported: {', '.join(sorted(known))})")
+        self.entry = known[self.architecture]
 
     @cached_property
     def metadata(self) -> dict[str, Any]:
@@ -128,7 +124,7 @@ class GGUFCheckpoint(Checkpoint):
             scaling = llama3_scaling_matching(factors, head_dim, float(self._meta("rope.freq_base", 10000.0))) \
                 or {"rope_type": "freq_factors", "freq_factors": factors}
         return ModelConfig(
-            model_type=ARCHITECTURES[self.architecture],
+            model_type=self.entry.model_type,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=self._meta("feed_forward_length"),
@@ -141,6 +137,7 @@ class GGUFCheckpoint(Checkpoint):
             rope_theta=float(self._meta("rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             tie_word_embeddings="output.weight" not in self._tensors_by_name,
+            qk_norm="blk.0.attn_q_norm.weight" in self._tensors_by_name,
             attention_bias="blk.0.attn_q.bias" in self._tensors_by_name,
             sliding_window=self._meta("attention.sliding_window", None),
             bos_token_id=self.metadata.get("tokenizer.ggml.bos_token_id"),
@@ -153,21 +150,22 @@ class GGUFCheckpoint(Checkpoint):
         return {t.name: t for t in self.reader.tensors}
 
     def tensor_names(self) -> list[str]:
-        return [n for n in (hf_name(t.name) for t in self.reader.tensors) if n is not None]
+        return [n for n in (hf_name(t.name, self.entry) for t in self.reader.tensors) if n is not None]
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         config = self.config
         for tensor in tqdm(self.reader.tensors, desc=f"Dequantizing {self.path.name}", unit="tensor",
                            leave=False, disable=None):
-            name = hf_name(tensor.name)
+            name = hf_name(tensor.name, self.entry)
             if name is None:
                 logger.debug("%s: skipping GGUF tensor %s", self.path, tensor.name)
                 continue
             array = self._dequantized(tensor)
-            # llama.cpp's converter permutes Q/K rows for its rotary kernel; qwen2 files are not permuted.
-            if self.architecture == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            # llama.cpp's converter permutes Q/K rows of some architectures for its rotary kernel.
+            permuted = self.entry.gguf_permutes_qk
+            if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
                 array = unpermute_rope_rows(array, config.num_attention_heads)
-            elif self.architecture == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
                 array = unpermute_rope_rows(array, config.num_key_value_heads)
             yield name, torch.from_numpy(np.require(array, requirements=["C", "W"]))
 

@@ -8,24 +8,16 @@ from pathlib import Path
 
 import torch
 
+from llminfer.architectures import architecture_of
 from llminfer.config import DTYPES, ModelConfig, load_model_config_file
 from llminfer.errors import ConfigError
 from llminfer.loading.checkpoint import Checkpoint
 from llminfer.model.base import CausalLM
-from llminfer.model.llama import LlamaForCausalLM
 from llminfer.ops import OpSet, resolve_ops
 from llminfer.parallel.sharding import ShardPlan
 from llminfer.quantization.config import QuantizationConfig
 
 logger = logging.getLogger(__name__)
-
-# model_type -> network class. Llama, Mistral and Qwen2 differ only in config fields.
-MODEL_REGISTRY: dict[str, type[CausalLM]] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
-}
-
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 quantization: QuantizationConfig | None = None, ops: OpSet | None = None) -> CausalLM:
@@ -40,7 +32,8 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device:
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device if quantization is None else "meta"):
-            model = MODEL_REGISTRY[config.model_type](config, ops or resolve_ops(None, device))
+            network_class = architecture_of(config.model_type).network_class()
+            model = network_class(config, ops or resolve_ops(None, device))
         if quantization is not None:
             from llminfer.quantization.apply import build_quantized_layers
 

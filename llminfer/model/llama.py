@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) as one decoder-only network.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) as one decoder-only network (Qwen3 varies its attention).
 
 Touvron et al., 2023: pre-norm decoder blocks of RMSNorm -> grouped-query attention with rotary
 positions -> residual, RMSNorm -> SwiGLU MLP -> residual. Mistral adds a sliding attention
@@ -30,7 +30,9 @@ class LlamaAttention(nn.Module):
                                      bias=config.attention_bias, ops=ops)
         self.o_proj = Linear(self.q_size, config.hidden_size, ops=ops)
         self.rotary_emb = [rotary_emb]  # a list, so the shared module is not registered once per layer
-        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim, config.sliding_window)
+        scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None  # Gemma's choice
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim,
+                              config.layer_sliding_window(layer_idx), scale)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hkv) D]
@@ -47,7 +49,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedLinear(config.hidden_size, {0: config.intermediate_size, 1: config.intermediate_size},
                                          ops=ops)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, ops=ops)
-        self.act_and_mul = ops.silu_and_mul  # SwiGLU
+        # SwiGLU (Shazeer, 2020), or GeGLU with tanh GELU for the Gemma family
+        self.act_and_mul = ops.silu_and_mul if config.hidden_act == "silu" else ops.gelu_tanh_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))  # [T, H] -> [T, 2I] -> [T, I] -> [T, H]
@@ -57,10 +60,12 @@ class LlamaDecoderLayer(nn.Module):
     """x + attn(norm(x)), then + mlp(norm(.)). The residual stream is carried beside the hidden state, so each
     residual add is fused into the norm that follows it."""
 
+    attention_class: type[nn.Module] = LlamaAttention  # a variant's attention (Qwen3's q/k norms) plugs in here
+
     def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops: OpSet) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, ops)
+        self.self_attn = self.attention_class(config, layer_idx, rotary_emb, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.mlp = LlamaMLP(config, ops)
 
@@ -76,13 +81,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
+    def __init__(self, config: ModelConfig, ops: OpSet, decoder_layer: type[LlamaDecoderLayer] = LlamaDecoderLayer
+                 ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                           config.rope_scaling, ops)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, ops) for i in range(config.num_hidden_layers)
+            decoder_layer(config, i, self.rotary_emb, ops) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
@@ -103,9 +109,11 @@ class LlamaForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    decoder_layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(self, config: ModelConfig, ops: OpSet) -> None:
         super().__init__(config, ops)
-        self.model = LlamaModel(config, ops)
+        self.model = LlamaModel(config, ops, self.decoder_layer_class)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, ops=ops)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,116 @@
+"""The architecture registry: one entry per decoder family we run.
+
+An entry says what the network is called in Hugging Face `config.json` and in GGUF metadata, which model
+class builds it (imported only when a model is built), which config fields it reads beyond the common
+Llama-shaped ones, and how its GGUF tensors map to checkpoint names. Config validation, the loaders and
+error messages all read this one list. Adding an architecture = a model file + an entry here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from llminfer.model.base import CausalLM
+
+# llama.cpp tensor names inside a block (blk.N.<name>) -> our checkpoint names under model.layers.N.
+LLAMA_GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str  # our name, ModelConfig.model_type
+    hf_architectures: tuple[str, ...]  # HF config.json "architectures" entries
+    hf_model_types: tuple[str, ...]  # HF "model_type" values
+    model_class: str  # "module:Class", imported when the network is built
+    # config.json -> ModelConfig fields that differ from the Llama defaults (HF dict, source name for errors)
+    hf_config: Callable[[dict[str, Any], str], dict[str, Any]] = lambda hf, source: {}
+    gguf_architecture: str | None = None  # GGUF general.architecture, if llama.cpp files of it load
+    gguf_block_names: dict[str, str] = field(default_factory=lambda: dict(LLAMA_GGUF_BLOCK_NAMES))
+    gguf_permutes_qk: bool = False  # llama.cpp's converter permuted Q/K rows (interleaved rotary pairs)
+
+    def network_class(self) -> type["CausalLM"]:
+        module, _, name = self.model_class.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(architecture: Architecture) -> Architecture:
+    ARCHITECTURES[architecture.model_type] = architecture
+    return architecture
+
+
+def architecture_of(model_type: str) -> Architecture:
+    from llminfer.errors import UnsupportedModelError
+
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(f"model_type '{model_type}' is not supported "
+                                    f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+    return ARCHITECTURES[model_type]
+
+
+def supported_hf_names() -> list[str]:
+    return sorted(name for a in ARCHITECTURES.values() for name in a.hf_architectures)
+
+
+# --- the entries --------------------------------------------------------------------------------------
+
+def _qwen2_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    return {"attention_bias": bool(hf.get("attention_bias", True)),
+            "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", False) else None}
+
+
+def _qwen3_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    return {"qk_norm": True, "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window") else None}
+
+
+def _gemma3_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    from llminfer.errors import UnsupportedModelError
+
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(cap) is not None:
+            raise UnsupportedModelError(f"{source}: Gemma 3 with {cap}={hf[cap]} is not supported")
+    layers = hf["num_hidden_layers"]
+    pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+    layer_types = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    rope = hf.get("rope_parameters") or {}
+    local = (rope.get("sliding_attention") or {}).get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+    full = rope.get("full_attention") or {}
+    scaling = full if full.get("rope_type", "default") != "default" else hf.get("rope_scaling")
+    fields = {"qk_norm": True, "hidden_act": hf.get("hidden_activation") or "gelu_pytorch_tanh",
+              "layer_types": tuple(layer_types), "rope_local_base_freq": float(local),
+              "query_pre_attn_scalar": float(hf.get("query_pre_attn_scalar", hf.get("head_dim", 256))),
+              "tie_word_embeddings": bool(hf.get("tie_word_embeddings", True)),
+              "rope_scaling": {k: v for k, v in scaling.items() if k != "rope_theta"} if scaling else None}
+    if "rope_theta" in full:
+        fields["rope_theta"] = float(full["rope_theta"])
+    return fields
+
+
+register(Architecture("llama", ("LlamaForCausalLM",), ("llama",), "llminfer.model.llama:LlamaForCausalLM",
+                      gguf_architecture="llama", gguf_permutes_qk=True))
+register(Architecture("mistral", ("MistralForCausalLM",), ("mistral",), "llminfer.model.llama:LlamaForCausalLM",
+                      gguf_architecture="mistral"))
+register(Architecture("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), "llminfer.model.llama:LlamaForCausalLM",
+                      hf_config=_qwen2_config, gguf_architecture="qwen2"))
+register(Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), "llminfer.model.qwen3:Qwen3ForCausalLM",
+                      hf_config=_qwen3_config, gguf_architecture="qwen3",
+                      gguf_block_names={**LLAMA_GGUF_BLOCK_NAMES, "attn_q_norm": "self_attn.q_norm",
+                                        "attn_k_norm": "self_attn.k_norm"}))
+register(Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text", "gemma3"),
+                      "llminfer.model.gemma3:Gemma3ForCausalLM", hf_config=_gemma3_config))

@@ -1,0 +1,100 @@
+"""Gemma 3 (Gemma Team, 2025), text decoder.
+
+Differences from the Llama block: RMSNorm scales by (1 + weight); each block normalizes both before and after
+its attention and its MLP ("sandwich" norms); the MLP is GeGLU with tanh GELU; embeddings are multiplied by
+sqrt(hidden_size); queries and keys get a per-head RMSNorm before rotary and the attention scale is
+query_pre_attn_scalar ** -0.5; five local layers (sliding window, rope base 10k) alternate with one global
+layer (full context, rope base 1M, optionally scaled). The embedding matrix is tied to the LM head.
+"""
+
+import torch
+from torch import nn
+
+from llminfer.config import ModelConfig
+from llminfer.layers.attention import ForwardContext
+from llminfer.layers.linear import Linear
+from llminfer.layers.norm import RMSNorm
+from llminfer.layers.rotary import RotaryEmbedding
+from llminfer.model.base import CausalLM
+from llminfer.model.llama import LlamaForCausalLM, LlamaMLP
+from llminfer.model.qwen3 import Qwen3Attention
+from llminfer.ops import OpSet
+
+
+class Gemma3RMSNorm(RMSNorm):
+    """Checkpoints store w; the norm multiplies by 1 + w (zero-initialized weights mean identity)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        scale = self.weight + 1.0
+        if residual is None:
+            return self.ops.rms_norm(x, scale, self.eps)
+        return self.ops.add_rms_norm(x, residual, scale, self.eps)
+
+
+class Gemma3Attention(Qwen3Attention):
+    norm_class = Gemma3RMSNorm
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops: OpSet) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = Gemma3RMSNorm(hidden, eps, ops)
+        self.self_attn = Gemma3Attention(config, layer_idx, rotary_emb, ops)
+        self.post_attention_layernorm = Gemma3RMSNorm(hidden, eps, ops)
+        self.pre_feedforward_layernorm = Gemma3RMSNorm(hidden, eps, ops)
+        self.mlp = LlamaMLP(config, ops)  # gate/up/down with the config's GELU
+        self.post_feedforward_layernorm = Gemma3RMSNorm(hidden, eps, ops)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: what the previous block adds to the residual stream (the embeddings, for the first)."""
+        if residual is None:
+            x, residual = self.input_layernorm(hidden), hidden
+        else:
+            x, residual = self.input_layernorm(hidden, residual)
+        x = self.post_attention_layernorm(self.self_attn(positions, x, ctx))
+        x, residual = self.pre_feedforward_layernorm(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_scale = config.hidden_size ** 0.5
+        head_dim, positions = config.head_dim, config.max_position_embeddings
+        self.rotary_emb = RotaryEmbedding(head_dim, positions, config.rope_theta, config.rope_scaling, ops)
+        self.rotary_emb_local = RotaryEmbedding(head_dim, positions, config.rope_local_base_freq or 10000.0, None,
+                                                ops)
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(config, i, self.rotary_emb if config.layer_sliding_window(i) is None
+                               else self.rotary_emb_local, ops)
+            for i in range(config.num_hidden_layers))
+        self.norm = Gemma3RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        embeddings = self.embed_tokens(input_ids)  # [T, H]
+        hidden = embeddings * torch.tensor(self.embed_scale, dtype=embeddings.dtype)  # rounded as HF rounds it
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, ctx)
+        return self.norm(hidden, residual)[0]
+
+
+class Gemma3ForCausalLM(CausalLM):
+    packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping  # q|k|v and gate|up fused the same way
+
+    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
+        super().__init__(config, ops)
+        self.model = Gemma3Model(config, ops)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, ops=ops)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)  # [T, H]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [N, V]
