@@ -12,7 +12,7 @@ from torch import nn
 from llminfer.config import ModelConfig
 from llminfer.errors import ModelFormatError
 from llminfer.layers.attention import ForwardContext
-from llminfer.layers.linear import default_weight_loader
+from llminfer.layers.linear import Linear, default_weight_loader
 from llminfer.ops import OpSet
 
 if TYPE_CHECKING:
@@ -35,11 +35,17 @@ class CausalLM(nn.Module):
         self.tokenizer: Tokenizer | None = None  # attached by AutoModel.from_pretrained when the checkpoint has one
         self.quantization: QuantizationConfig | None = None  # set when the linear layers are quantized
 
+    def add_lm_head(self) -> None:
+        """The LM head over `self.model`'s hidden states, sharing the embedding matrix when the config ties them."""
+        self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, ops=self.ops)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        raise NotImplementedError
+        return self.model(input_ids, positions, ctx)  # [T] ids -> [T, H] final hidden states
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.lm_head(hidden).float()  # [N, H] -> [N, V]
 
     @property
     def device(self) -> torch.device:

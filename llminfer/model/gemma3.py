@@ -12,7 +12,6 @@ from torch import nn
 
 from llminfer.config import ModelConfig
 from llminfer.layers.attention import ForwardContext
-from llminfer.layers.linear import Linear
 from llminfer.layers.norm import RMSNorm
 from llminfer.layers.rotary import RotaryEmbedding
 from llminfer.model.base import CausalLM
@@ -89,12 +88,4 @@ class Gemma3ForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, ops: OpSet) -> None:
         super().__init__(config, ops)
         self.model = Gemma3Model(config, ops)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, ops=ops)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)  # [T, H]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [N, V]
+        self.add_lm_head()

@@ -114,12 +114,4 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, ops: OpSet) -> None:
         super().__init__(config, ops)
         self.model = LlamaModel(config, ops, self.decoder_layer_class)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, ops=ops)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids, positions, ctx)  # [T, H]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [N, V]
+        self.add_lm_head()
