@@ -220,6 +220,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype (or a quantized checkpoint's choice); "int8"
     quantization: str | None = None  # a scheme to quantize a float checkpoint with at load (round-to-nearest)
     ops: Mapping[str, str] = field(default_factory=dict)  # op -> implementation; others: the device's best
+    scheduling_policy: str = "fcfs"  # the waiting queue's order (engine.scheduler.QUEUE_POLICIES)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":

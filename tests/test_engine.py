@@ -185,3 +185,44 @@ def test_chinas_capital_and_chinas_flag_store_their_common_prefix_once():
     table_a, table_b = engine.kv.block_table(first.request_id), engine.kv.block_table(second.request_id)
     assert table_a[:common] == table_b[:common] and set(table_a[common:]).isdisjoint(table_b[common:])
     assert stats.used_blocks == (len(a) + 1) + len(b) - common  # apart they would need `common` more
+
+
+def test_the_runner_only_reads_requests_and_the_scheduler_updates_them(tiny_model):
+    import copy
+
+    engine = LLMEngine(tiny_model, None, EngineConfig(block_size=4))
+    for prompt in make_prompts(3, 12, seed=5):
+        engine.add_request(prompt, SamplingParams(max_tokens=4, n=2, temperature=0.8, seed=1, ignore_eos=True))
+    forks_per_step = []
+    for _ in range(3):
+        batch = engine.scheduler.schedule()
+        forks_per_step.append(sum(len(children) for _, children in batch.forks))
+        fields = ("num_computed_tokens", "output_token_ids", "status", "finish_reason", "pending_forks")
+        before = [copy.deepcopy([getattr(r, f) for f in fields]) for r in batch.requests]
+        output = engine.runner.execute_model(batch)
+        assert [[getattr(r, f) for f in fields] for r in batch.requests] == before
+        assert len(output.token_ids) == len(batch.samples)
+        engine.scheduler.update_from_output(batch, output)
+        assert [r.num_computed_tokens for r in batch.requests] == [b[0] + n for b, n in
+                                                                  zip(before, batch.num_new_tokens)]
+        engine.kv.check_invariants()
+    assert forks_per_step == [3, 0, 0]  # each prompt's second sample, forked when its prompt was computed
+    assert all(len(engine._groups[g]) == 2 for g in engine._groups)
+
+
+def test_a_scheduling_policy_is_one_queue_class(tiny_model, monkeypatch):
+    from llminfer.engine import scheduler
+    from llminfer.errors import ConfigError
+
+    class NewestFirst(scheduler.RequestQueue):
+        def add(self, request) -> None:
+            self._items.appendleft(request)
+
+    monkeypatch.setitem(scheduler.QUEUE_POLICIES, "newest", NewestFirst)
+    engine = LLMEngine(tiny_model, None, EngineConfig(block_size=4, max_num_seqs=1, scheduling_policy="newest"))
+    first = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
+    last = engine.add_request([4, 5, 6], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert engine.scheduler.schedule().requests == [last]
+    assert first.status.value == "waiting"
+    with pytest.raises(ConfigError, match=r"scheduling policy 'lottery' is not supported \(supported: fcfs"):
+        LLMEngine(tiny_model, None, EngineConfig(scheduling_policy="lottery"))

@@ -11,9 +11,18 @@ from conftest import prefill_logits
 
 from llminfer import AutoModel, EngineConfig, SamplingParams
 from llminfer.engine.llm_engine import LLMEngine
+from llminfer.engine.sampler import SamplerOutput
 from llminfer.kv_cache import KVCacheManager
 from llminfer.kv_cache.paged import DecodeBatch
 from llminfer.ops import OPS
+
+
+def compute_step(engine, batch) -> torch.Tensor:
+    """Run a step's forward pass and let the scheduler advance the requests, sampling nothing: these tests feed
+    the tokens themselves."""
+    logits = engine.runner.compute_logits(batch)
+    engine.scheduler.update_from_output(batch, SamplerOutput([], [], []))
+    return logits
 
 
 def full_recompute_logits(model, ids: list[int]) -> torch.Tensor:
@@ -28,14 +37,14 @@ def test_decode_steps_match_full_recompute(tiny_hf, block_size):
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8], list(range(30, 50))]
     engine = LLMEngine(model, None, EngineConfig(block_size=block_size))
     requests = [engine.add_request(p, SamplingParams(max_tokens=20, ignore_eos=True)) for p in prompts]
-    engine.runner.compute_logits(engine.scheduler.schedule())  # prefill all three
+    compute_step(engine, engine.scheduler.schedule())  # prefill all three
     generator = torch.Generator().manual_seed(0)
     for step in range(12):
         for r in requests:  # feed arbitrary tokens: the cache must not care where they came from
             r.output_token_ids.append(int(torch.randint(0, model.config.vocab_size, (1,), generator=generator)))
         batch = engine.scheduler.schedule()
         assert batch.num_new_tokens == [1, 1, 1]
-        decoded = engine.runner.compute_logits(batch)
+        decoded = compute_step(engine, batch)
         for row, r in enumerate(batch.requests):
             expected = full_recompute_logits(model, r.all_token_ids)
             torch.testing.assert_close(decoded[row], expected, atol=1e-4, rtol=0, msg=f"step {step} row {row}")
@@ -50,7 +59,7 @@ def test_chunked_prefill_matches_one_prefill(tiny_llama_folder):
     while True:
         batch = engine.scheduler.schedule()
         chunks.append(batch.num_new_tokens[0])
-        logits = engine.runner.compute_logits(batch)
+        logits = compute_step(engine, batch)
         if batch.requests[0].num_computed_tokens == len(ids):
             break
     assert chunks == [16, 16, 8]

@@ -14,7 +14,6 @@ from llminfer.config import EngineConfig
 from llminfer.engine.model_runner import ModelRunner
 from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.request import Request
-from llminfer.engine.sampler import SamplingInput
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.engine.scheduler import Scheduler
 from llminfer.errors import ConfigError, InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
@@ -44,7 +43,8 @@ class LLMEngine:
         # Prefix-cache hashes are keyed by what produced the KV: the model and how the KV is stored.
         self.kv = KVCacheManager(num_blocks, config.block_size, f"{model_identity or repr(cfg)}|{self.kv_cache_dtype}",
                                  config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
+                                   self._fork_sample, config.scheduling_policy)
         self.runner = ModelRunner(model, self.cache, PagedAttentionBackend(self.cache, model.ops))
         self._groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
@@ -125,9 +125,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request (all its samples) wherever it is; its KV blocks are freed at once."""
         for request in self._groups.pop(request_id, []):
-            if not request.is_finished:
-                request.abort()
-            self.scheduler.remove(request)
+            self.scheduler.abort(request)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work
@@ -142,43 +140,16 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        logits = self.runner.compute_logits(batch)
-        for request in batch.requests:
-            self.kv.cache_full_blocks(request)
-        rows, owners = [], []
-        for row, request in enumerate(batch.requests):
-            if request.num_computed_tokens < request.num_tokens:
-                continue  # a prefill chunk that has not reached the end of the prompt: nothing to sample yet
-            for sample in [request, *self._fork(request)]:
-                rows.append(row)
-                owners.append(sample)
-        if owners:
-            inputs = [SamplingInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator) for r in owners]
-            sampled = self.runner.sample(logits[rows], inputs)
-            for request, token, logprob, error in zip(owners, sampled.token_ids, sampled.logprobs, sampled.errors):
-                if error is not None:
-                    logger.warning("request %s failed: %s", request.request_id, error)
-                    request.fail(error)
-                else:
-                    request.append_token(token, self.max_model_len, logprob)
-        self.scheduler.release_finished()
+        output = self.runner.execute_model(batch)
+        self.scheduler.update_from_output(batch, output)
         touched = dict.fromkeys(r.group_id for r in batch.requests)
         return [self._group_output(group_id) for group_id in touched]
 
-    def _fork(self, parent: Request) -> list[Request]:
-        """The other samples of an n > 1 request: they start from the parent's computed prompt."""
-        if not parent.pending_forks:
-            return []
-        children = []
-        for index in range(1, parent.pending_forks + 1):
-            child = self._new_sample(parent.group_id, index, parent.prompt, parent.prompt_token_ids, parent.params)
-            child.num_computed_tokens = parent.num_computed_tokens
-            self.kv.fork(parent, child)
-            self.scheduler.add_running(child)
-            children.append(child)
-        parent.pending_forks = 0
-        self._groups[parent.group_id].extend(children)
-        return children
+    def _fork_sample(self, parent: Request, index: int) -> Request:
+        """Sample `index` of an n > 1 request (the scheduler decides when, and starts it from the parent)."""
+        child = self._new_sample(parent.group_id, index, parent.prompt, parent.prompt_token_ids, parent.params)
+        self._groups[parent.group_id].append(child)
+        return child
 
     def _group_output(self, group_id: str) -> RequestOutput:
         samples = self._groups[group_id]

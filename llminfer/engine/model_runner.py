@@ -1,4 +1,5 @@
-"""Runs the network on a scheduled batch: flat inputs + paged attention metadata -> logits -> sampler."""
+"""Runs the network on a scheduled batch: flat inputs + paged attention metadata -> logits -> sampler -> a
+plain SamplerOutput. It never writes into requests; the scheduler does, from that output."""
 
 from __future__ import annotations
 
@@ -34,13 +35,21 @@ class ModelRunner:
         self.device = model.device
         self.sampler = Sampler()
 
+    def execute_model(self, batch: ScheduledBatch) -> SamplerOutput:
+        """Run the step and sample a token for each of the batch's samples (in `batch.samples` order). Requests
+        are only read: the scheduler updates them from this output."""
+        logits = self.compute_logits(batch)
+        if not batch.samples:
+            return SamplerOutput([], [], [])
+        rows = [row for row, _ in batch.samples]
+        inputs = [SamplingInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
+                  for _, r in batch.samples]
+        return self.sampler(logits[rows], inputs)
+
     def compute_logits(self, batch: ScheduledBatch, all_positions: bool = False) -> torch.Tensor:
         """Logits [B, V] at the last new token of each request (or [T, V] at every new token, for scoring);
         their keys/values land in the cache."""
-        logits = self.execute(self.prepare(batch, all_positions))
-        for request, n_new in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += n_new
-        return logits
+        return self.execute(self.prepare(batch, all_positions))
 
     def prepare(self, batch: ScheduledBatch, all_positions: bool = False) -> StepInputs:
         block_size = self.cache.block_size
@@ -69,6 +78,3 @@ class ModelRunner:
             return self.model.compute_logits(hidden)
         last_rows = torch.tensor([s - 1 for s in step.query_start_loc[1:]], device=device)
         return self.model.compute_logits(hidden[last_rows])
-
-    def sample(self, logits: torch.Tensor, rows: list[SamplingInput]) -> SamplerOutput:
-        return self.sampler(logits, rows)
