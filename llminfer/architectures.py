@@ -102,6 +102,16 @@ def _gemma3_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
     return fields
 
 
+def _phi3_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    from llminfer.errors import UnsupportedModelError
+
+    partial = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedModelError(f"{source}: Phi-3 with partial_rotary_factor={partial} is not supported "
+                                    "(only full rotary, 1.0)")
+    return {}
+
+
 register(Architecture("llama", ("LlamaForCausalLM",), ("llama",), "llminfer.model.llama:LlamaForCausalLM",
                       gguf_architecture="llama", gguf_permutes_qk=True))
 register(Architecture("mistral", ("MistralForCausalLM",), ("mistral",), "llminfer.model.llama:LlamaForCausalLM",
@@ -114,3 +124,6 @@ register(Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), "llminfer.mode
                                         "attn_k_norm": "self_attn.k_norm"}))
 register(Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text", "gemma3"),
                       "llminfer.model.gemma3:Gemma3ForCausalLM", hf_config=_gemma3_config))
+# Phi-3's checkpoints store q|k|v and gate|up already fused: the same network, loaded whole into them.
+register(Architecture("phi3", ("Phi3ForCausalLM",), ("phi3",), "llminfer.model.llama:LlamaForCausalLM",
+                      hf_config=_phi3_config))

@@ -48,6 +48,8 @@ TINY_VARIANTS = {
     "mistral": ("MistralConfig", dict(rope_theta=1000000.0, sliding_window=12, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(rope_theta=1000000.0, head_dim=24, tie_word_embeddings=True)),
+    "phi3": ("Phi3Config", dict(rope_theta=10000.0, sliding_window=12, tie_word_embeddings=False,
+                                pad_token_id=0, eos_token_id=1, bos_token_id=2)),
     "gemma3": ("Gemma3TextConfig", dict(
         head_dim=24, query_pre_attn_scalar=20, sliding_window=12, tie_word_embeddings=True,
         layer_types=["sliding_attention", "full_attention"], hidden_activation="gelu_pytorch_tanh",

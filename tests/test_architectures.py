@@ -1,4 +1,4 @@
-"""The architecture registry and the architectures added through it (Qwen3, Gemma 3): the same engine paths
+"""The architecture registry and the architectures added through it (Qwen3, Gemma 3, Phi-3): the same engine paths
 as Llama (batching, prefix caching, A16W8, tensor parallelism), against transformers on tiny random models."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from llminfer.architectures import ARCHITECTURES
 from llminfer.config import ModelConfig
 from llminfer.errors import UnsupportedModelError
 
-NEW = ["qwen3", "gemma3"]
+NEW = ["qwen3", "gemma3", "phi3"]
 SHARED = list(range(30, 62))  # two full blocks of 16: prompts that start alike share them
 PROMPTS = [SHARED + [5, 6, 7], SHARED + [9, 10], [1, 2, 3, 4]]
 
@@ -51,7 +51,7 @@ def test_unknown_architecture_names_the_supported_ones_from_the_registry():
         assert entry.hf_architectures[0] in message
 
 
-def test_gemma3_config_reads_its_layer_pattern_and_both_rope_bases(new_arch):
+def test_each_config_reads_what_its_architecture_adds(new_arch):
     variant, _, folder = new_arch
     config = AutoModel.from_pretrained(folder).config
     if variant == "gemma3":
@@ -59,8 +59,15 @@ def test_gemma3_config_reads_its_layer_pattern_and_both_rope_bases(new_arch):
         assert (config.rope_local_base_freq, config.rope_theta) == (10000.0, 1000000.0)
         assert config.query_pre_attn_scalar == 20 and config.hidden_act == "gelu_pytorch_tanh" and config.qk_norm
         assert [config.layer_sliding_window(i) for i in range(2)] == [12, None]
-    else:
+    elif variant == "qwen3":
         assert config.qk_norm and config.layer_types is None and config.head_dim == 24
+    else:  # phi3: the checkpoint's fused projections loaded whole
+        assert config.sliding_window == 12 and not config.qk_norm
+        from safetensors import safe_open
+
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            assert "model.layers.0.self_attn.qkv_proj.weight" in f.keys()
+            assert "model.layers.0.mlp.gate_up_proj.weight" in f.keys()
 
 
 def test_batched_prefix_cached_greedy_equals_transformers(new_arch):
@@ -103,3 +110,16 @@ def test_converted_folder_round_trips_the_new_config_fields(new_arch, tmp_path):
     hf = json.loads((out / "config.json").read_text())
     assert hf["architectures"] == [ARCHITECTURES[variant].hf_architectures[0]]
     torch.testing.assert_close(prefill_logits(converted, PROMPTS), prefill_logits(original, PROMPTS))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+     "rope_scaling type 'longrope' is not supported"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}},
+     "partial_rotary_factor=0.75 is not supported"),
+])
+def test_phi3_features_we_do_not_implement_are_refused_in_one_line(extra, message):
+    hf = {"architectures": ["Phi3ForCausalLM"], "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+          "num_hidden_layers": 1, "num_attention_heads": 2, **extra}
+    with pytest.raises(UnsupportedModelError, match=message):
+        ModelConfig.from_hf_dict(hf, "config.json")

@@ -21,7 +21,7 @@ from llminfer.quantization.layers import Int8WeightOnlyLinear, QuantizedLinear
 # schemes whose layers this graph can express (A16W8: int8 weights dequantized in the graph)
 EXPORTABLE_SCHEMES = ("a16w8",)
 # the decoder loop below is the Llama block's; other architectures wait for export through the model's forward
-EXPORTABLE_ARCHITECTURES = ("llama", "mistral", "qwen2")
+EXPORTABLE_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
 
 
 class DequantizingLinear(nn.Module):

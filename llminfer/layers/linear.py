@@ -51,6 +51,9 @@ class MergedLinear(Linear):
             offset += width
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | str | None = None) -> None:
+        if shard is None:  # a checkpoint that stores the projection fused already (Phi-3's qkv_proj, gate_up_proj)
+            _copy_checked(param.data, loaded)
+            return
         offset, width = self.shard_offsets[shard]
         _copy_checked(param.data.narrow(0, offset, width), loaded)
 

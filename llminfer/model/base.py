@@ -84,7 +84,11 @@ class CausalLM(nn.Module):
                 loader(param, value, shard) if loader else default_weight_loader(param, value)
             except ValueError as exc:
                 raise ModelFormatError(f"{source}: tensor '{name}': {exc}") from None
-            loaded.add(f"{param_name}/{shard}")
+            owner_parts = getattr(self.get_submodule(param_name.rsplit(".", 1)[0]), "shard_offsets", None)
+            if shard is None and owner_parts:  # stored fused: every part of it is loaded
+                loaded.update(f"{param_name}/{part}" for part in owner_parts)
+            else:
+                loaded.add(f"{param_name}/{shard}")
         expected = {f"{name}/{shard}" for name, shard in self._expected_parts(params)}
         missing = sorted(expected - loaded)
         if missing:
