@@ -40,6 +40,9 @@ class Architecture:
     gguf_architecture: str | None = None  # GGUF general.architecture, if llama.cpp files of it load
     gguf_block_names: dict[str, str] = field(default_factory=lambda: dict(LLAMA_GGUF_BLOCK_NAMES))
     gguf_permutes_qk: bool = False  # llama.cpp's converter permuted Q/K rows (interleaved rotary pairs)
+    # GGUF metadata -> ModelConfig fields beyond the common ones (a getter of "<arch>.<key>" with a default)
+    gguf_config: Callable[[Callable[[str, Any], Any]], dict[str, Any]] = lambda meta: {}
+    gguf_norm_offset: float = 0.0  # llama.cpp stores Gemma's norm weights as w + 1: subtracted on load
 
     def network_class(self) -> type["CausalLM"]:
         module, _, name = self.model_class.partition(":")
@@ -122,8 +125,25 @@ register(Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), "llminfer.mode
                       hf_config=_qwen3_config, gguf_architecture="qwen3",
                       gguf_block_names={**LLAMA_GGUF_BLOCK_NAMES, "attn_q_norm": "self_attn.q_norm",
                                         "attn_k_norm": "self_attn.k_norm"}))
+def _gemma3_gguf_config(meta: Callable[[str, Any], Any]) -> dict[str, Any]:
+    # llama.cpp's gemma3 files carry no layer pattern, local rope base or attention scale: it fixes them
+    # (every 6th layer global, local base 10k, scale head_dim ** -0.5), and so do we.
+    layers, head_dim = meta("block_count", None), meta("attention.key_length", None)
+    pattern = meta("attention.sliding_window_pattern", 6)
+    return {"hidden_act": "gelu_pytorch_tanh", "rope_local_base_freq": 10000.0,
+            "layer_types": tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                 for i in range(layers)),
+            "query_pre_attn_scalar": float(head_dim)}
+
+
 register(Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text", "gemma3"),
-                      "llminfer.model.gemma3:Gemma3ForCausalLM", hf_config=_gemma3_config))
+                      "llminfer.model.gemma3:Gemma3ForCausalLM", hf_config=_gemma3_config,
+                      gguf_architecture="gemma3", gguf_config=_gemma3_gguf_config, gguf_norm_offset=1.0,
+                      gguf_block_names={**LLAMA_GGUF_BLOCK_NAMES, "attn_q_norm": "self_attn.q_norm",
+                                        "attn_k_norm": "self_attn.k_norm",
+                                        "post_attention_norm": "post_attention_layernorm",
+                                        "ffn_norm": "pre_feedforward_layernorm",
+                                        "post_ffw_norm": "post_feedforward_layernorm"}))
 # Phi-3's checkpoints store q|k|v and gate|up already fused: the same network, loaded whole into them.
 register(Architecture("phi3", ("Phi3ForCausalLM",), ("phi3",), "llminfer.model.llama:LlamaForCausalLM",
                       hf_config=_phi3_config))

@@ -143,6 +143,7 @@ class GGUFCheckpoint(Checkpoint):
             bos_token_id=self.metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=(eos,) if eos is not None else (),
             torch_dtype="float32",
+            **self.entry.gguf_config(self._meta),
         )
 
     @cached_property
@@ -167,6 +168,8 @@ class GGUFCheckpoint(Checkpoint):
                 array = unpermute_rope_rows(array, config.num_attention_heads)
             elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
                 array = unpermute_rope_rows(array, config.num_key_value_heads)
+            if self.entry.gguf_norm_offset and name.endswith("norm.weight"):
+                array = array - self.entry.gguf_norm_offset
             yield name, torch.from_numpy(np.require(array, requirements=["C", "W"]))
 
     def _dequantized(self, tensor: Any) -> np.ndarray:
