@@ -101,15 +101,19 @@ def smollm2_gguf() -> Path:
     return fetch_alias("smollm2-135m")
 
 
-@pytest.fixture(scope="session")
-def smollm2_hf(smollm2_gguf):
-    """transformers' own load of the same GGUF, in float32: the real-weights oracle."""
+def transformers_from_gguf(path: Path):
+    """(tokenizer, model): transformers' own load of a GGUF file, in float32 — the real-weights oracle."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(gguf_file=smollm2_gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), dtype=torch.float32, **kwargs).eval()
+    kwargs = dict(gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kwargs).eval()
     return tokenizer, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    return transformers_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import transformers_from_gguf
 
 from llminfer import LLM, SamplingParams
 
@@ -32,12 +33,7 @@ def gemma3_gguf():
 
 @pytest.fixture(scope="module")
 def gemma3_hf(gemma3_gguf):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = dict(gguf_file=gemma3_gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gemma3_gguf.parent), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(gemma3_gguf.parent), dtype=torch.float32, **kwargs).eval()
-    return tokenizer, model
+    return transformers_from_gguf(gemma3_gguf)
 
 
 @pytest.fixture(scope="module")
