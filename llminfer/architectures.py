@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from llminfer.errors import UnsupportedModelError
+
 if TYPE_CHECKING:
     from llminfer.model.base import CausalLM
 
@@ -58,8 +60,6 @@ def register(architecture: Architecture) -> Architecture:
 
 
 def architecture_of(model_type: str) -> Architecture:
-    from llminfer.errors import UnsupportedModelError
-
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(f"model_type '{model_type}' is not supported "
                                     f"(supported: {', '.join(sorted(ARCHITECTURES))})")
@@ -72,25 +72,33 @@ def supported_hf_names() -> list[str]:
 
 # --- the entries --------------------------------------------------------------------------------------
 
+_QK_NORM_GGUF_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+
+
+def _qwen_sliding_window(hf: dict[str, Any]) -> int | None:
+    """Qwen configs carry a sliding_window that only applies when use_sliding_window says so."""
+    return hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+
+
 def _qwen2_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
-    return {"attention_bias": bool(hf.get("attention_bias", True)),
-            "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", False) else None}
+    return {"attention_bias": bool(hf.get("attention_bias", True)), "sliding_window": _qwen_sliding_window(hf)}
 
 
 def _qwen3_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
-    return {"qk_norm": True, "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window") else None}
+    return {"qk_norm": True, "sliding_window": _qwen_sliding_window(hf)}
+
+
+def _every_nth_layer_global(num_layers: int, pattern: int) -> tuple[str, ...]:
+    """Gemma's interleave: pattern - 1 sliding-window layers, then one full-attention layer, repeated."""
+    return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers))
 
 
 def _gemma3_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
-    from llminfer.errors import UnsupportedModelError
-
     for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
         if hf.get(cap) is not None:
             raise UnsupportedModelError(f"{source}: Gemma 3 with {cap}={hf[cap]} is not supported")
-    layers = hf["num_hidden_layers"]
     pattern = hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
-    layer_types = hf.get("layer_types") or [
-        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    layer_types = hf.get("layer_types") or _every_nth_layer_global(hf["num_hidden_layers"], pattern)
     rope = hf.get("rope_parameters") or {}
     local = (rope.get("sliding_attention") or {}).get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
     full = rope.get("full_attention") or {}
@@ -105,9 +113,16 @@ def _gemma3_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
     return fields
 
 
-def _phi3_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
-    from llminfer.errors import UnsupportedModelError
+def _gemma3_gguf_config(meta: Callable[[str, Any], Any]) -> dict[str, Any]:
+    # llama.cpp's gemma3 files carry no layer pattern, local rope base or attention scale: it fixes them
+    # (every 6th layer global, local base 10k, scale head_dim ** -0.5), and so do we.
+    pattern = meta("attention.sliding_window_pattern", 6)
+    return {"hidden_act": "gelu_pytorch_tanh", "rope_local_base_freq": 10000.0,
+            "layer_types": _every_nth_layer_global(meta("block_count", None), pattern),
+            "query_pre_attn_scalar": float(meta("attention.key_length", None))}
 
+
+def _phi3_config(hf: dict[str, Any], source: str) -> dict[str, Any]:
     partial = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise UnsupportedModelError(f"{source}: Phi-3 with partial_rotary_factor={partial} is not supported "
@@ -123,24 +138,11 @@ register(Architecture("qwen2", ("Qwen2ForCausalLM",), ("qwen2",), "llminfer.mode
                       hf_config=_qwen2_config, gguf_architecture="qwen2"))
 register(Architecture("qwen3", ("Qwen3ForCausalLM",), ("qwen3",), "llminfer.model.qwen3:Qwen3ForCausalLM",
                       hf_config=_qwen3_config, gguf_architecture="qwen3",
-                      gguf_block_names={**LLAMA_GGUF_BLOCK_NAMES, "attn_q_norm": "self_attn.q_norm",
-                                        "attn_k_norm": "self_attn.k_norm"}))
-def _gemma3_gguf_config(meta: Callable[[str, Any], Any]) -> dict[str, Any]:
-    # llama.cpp's gemma3 files carry no layer pattern, local rope base or attention scale: it fixes them
-    # (every 6th layer global, local base 10k, scale head_dim ** -0.5), and so do we.
-    layers, head_dim = meta("block_count", None), meta("attention.key_length", None)
-    pattern = meta("attention.sliding_window_pattern", 6)
-    return {"hidden_act": "gelu_pytorch_tanh", "rope_local_base_freq": 10000.0,
-            "layer_types": tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                                 for i in range(layers)),
-            "query_pre_attn_scalar": float(head_dim)}
-
-
+                      gguf_block_names={**LLAMA_GGUF_BLOCK_NAMES, **_QK_NORM_GGUF_NAMES}))
 register(Architecture("gemma3", ("Gemma3ForCausalLM",), ("gemma3_text", "gemma3"),
                       "llminfer.model.gemma3:Gemma3ForCausalLM", hf_config=_gemma3_config,
                       gguf_architecture="gemma3", gguf_config=_gemma3_gguf_config, gguf_norm_offset=1.0,
-                      gguf_block_names={**LLAMA_GGUF_BLOCK_NAMES, "attn_q_norm": "self_attn.q_norm",
-                                        "attn_k_norm": "self_attn.k_norm",
+                      gguf_block_names={**LLAMA_GGUF_BLOCK_NAMES, **_QK_NORM_GGUF_NAMES,
                                         "post_attention_norm": "post_attention_layernorm",
                                         "ffn_norm": "pre_feedforward_layernorm",
                                         "post_ffw_norm": "post_feedforward_layernorm"}))

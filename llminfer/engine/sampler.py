@@ -125,9 +125,7 @@ class Sampler:
             probs = sub.softmax(dim=-1)
             for j, i in enumerate(sampled):
                 chosen[i] = int(torch.multinomial(probs[j], 1, generator=rows[i].generator).item())
-        for i, error in enumerate(errors):
-            if error is not None:
-                chosen[i] = -1
+        chosen = [token if row_ok else -1 for token, row_ok in zip(chosen, ok)]
         logprobs = token_logprobs(raw_logits, chosen, [row if ok[i] else None for i, row in enumerate(rows)])
         return SamplerOutput(chosen, logprobs, errors)
 

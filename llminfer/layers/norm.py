@@ -20,8 +20,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.ops = ops or default_ops()
 
+    def scale(self) -> torch.Tensor:
+        """What the normalized vector is multiplied by: the weight (Gemma: 1 + weight)."""
+        return self.weight
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [T, H]
         if residual is None:
-            return self.ops.rms_norm(x, self.weight, self.eps)
-        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+            return self.ops.rms_norm(x, self.scale(), self.eps)
+        return self.ops.add_rms_norm(x, residual, self.scale(), self.eps)

@@ -23,12 +23,8 @@ from llminfer.ops import OpSet
 class Gemma3RMSNorm(RMSNorm):
     """Checkpoints store w; the norm multiplies by 1 + w (zero-initialized weights mean identity)."""
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        scale = self.weight + 1.0
-        if residual is None:
-            return self.ops.rms_norm(x, scale, self.eps)
-        return self.ops.add_rms_norm(x, residual, scale, self.eps)
+    def scale(self) -> torch.Tensor:
+        return self.weight + 1.0
 
 
 class Gemma3Attention(Qwen3Attention):

@@ -81,9 +81,7 @@ class AsyncEngine:
 
     @property
     def num_in_flight(self) -> int:
-        """Requests the engine still has to finish: none once it has failed (they were all failed with it)."""
-        if self.error is not None:
-            return 0
+        """Requests the engine still has to finish (none once the worker has ended: see _run's finally)."""
         return self.snapshot.num_running + self.num_waiting
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
