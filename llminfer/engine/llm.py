@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
@@ -134,17 +136,20 @@ def _parallel_rank(tensor_parallel_size: int, device: str) -> tuple[int, int]:
 
 def _serve_rank(model, config: EngineConfig) -> None:
     """Ranks other than 0: allocate the same number of KV blocks as rank 0, follow its steps, then exit."""
-    import torch.distributed as dist
-
     from llminfer.engine.llm_engine import resolve_kv_cache_dtype
     from llminfer.engine.model_runner import ModelRunner
     from llminfer.kv_cache import PagedAttentionBackend, PagedKVCache
-    from llminfer.parallel.runtime import follow, share_cache_shape
+    from llminfer.parallel.runtime import follow, leave_process_group, share_cache_shape
 
     cfg = model.config
     num_blocks = share_cache_shape(None)
     cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads, cfg.head_dim,
                          model.dtype, model.device, resolve_kv_cache_dtype(config, model))
     follow(ModelRunner(model, cache, PagedAttentionBackend(cache, model.ops)))
-    dist.destroy_process_group()
-    raise SystemExit(0)
+    leave_process_group()
+    # Skip interpreter teardown: gloo's and the thread pools' static destructors have aborted a follower that
+    # had finished cleanly. Nothing of this rank's is left to flush but its streams.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -61,10 +61,19 @@ class BroadcastingRunner(ModelRunner):
             self._closed = True
             try:
                 dist.broadcast_object_list([None], src=0)
-                # Tear the group down now: left to interpreter shutdown, gloo's threads abort the process.
-                dist.destroy_process_group()
+                leave_process_group()
             except Exception as exc:  # noqa: BLE001 - a peer already gone: nothing left to tell
                 logger.warning("could not stop the other ranks: %s", exc)
+
+
+def leave_process_group() -> None:
+    """Every rank meets at a barrier, then tears the group down together.
+
+    Left to interpreter shutdown, or torn down while a peer still has a collective in flight, gloo's threads
+    abort the process (SIGABRT after a clean run).
+    """
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def share_cache_shape(num_blocks: int | None) -> int:
