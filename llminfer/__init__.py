@@ -13,13 +13,14 @@ __version__ = "0.1.0"
 _EXPORTS = {"LLM": "llminfer.engine.llm", "RequestOutput": "llminfer.engine.outputs",
             "SamplingParams": "llminfer.engine.sampling_params", "EngineConfig": "llminfer.config",
             "ModelConfig": "llminfer.config", "LLMInferError": "llminfer.errors", "AutoModel": "llminfer.model",
-            "Tokenizer": "llminfer.tokenizer"}
+            "Tokenizer": "llminfer.tokenizer", "AutoTokenizer": "llminfer.loading", "generate": "llminfer.engine"}
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
     from llminfer.config import EngineConfig, ModelConfig  # noqa: F401 (re-exported)
-    from llminfer.engine import LLM, RequestOutput, SamplingParams  # noqa: F401 (re-exported)
+    from llminfer.engine import LLM, RequestOutput, SamplingParams, generate  # noqa: F401 (re-exported)
     from llminfer.errors import LLMInferError  # noqa: F401 (re-exported)
+    from llminfer.loading import AutoTokenizer  # noqa: F401 (re-exported)
     from llminfer.model import AutoModel  # noqa: F401 (re-exported)
     from llminfer.tokenizer import Tokenizer  # noqa: F401 (re-exported)
 

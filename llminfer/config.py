@@ -17,12 +17,12 @@ import torch
 
 from llminfer.architectures import ARCHITECTURES, architecture_of, supported_hf_names
 from llminfer.errors import ConfigError, UnsupportedModelError
+from llminfer.schemes import ALGORITHMS, DTYPE_NAMES, KV_CACHE_DTYPES, QUANTIZATION_SCHEMES
 
 # "freq_factors": per-frequency divisors given as a list (GGUF's rope_freqs tensor), no HF equivalent.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # the op each is: silu_and_mul, gelu_tanh_and_mul
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype (or what a quantized checkpoint recorded)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -322,3 +322,93 @@ def _rope_scaling_of(hf: dict[str, Any]) -> dict[str, Any] | None:
 def _dtype_name(value: Any) -> str:
     name = str(value).replace("torch.", "")
     return name if name in DTYPES else "float32"
+
+
+QUANTIZATION_MANIFEST = "quantization.json"  # beside a quantized checkpoint's weights
+
+
+def scheme_for(weight_dtype: str, act_dtype: str | None) -> str:
+    for scheme in QUANTIZATION_SCHEMES.values():
+        if (scheme.weight_dtype, scheme.act_dtype) == (weight_dtype, act_dtype):
+            return scheme.name
+    supported = ", ".join(f"{s.weight_dtype} weights with act_dtype {s.act_dtype!r}"
+                          for s in QUANTIZATION_SCHEMES.values())
+    raise ConfigError(f"weight_dtype={weight_dtype!r} with act_dtype={act_dtype!r} is not a supported scheme "
+                      f"(supported: {supported})")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How a checkpoint's linear layers are quantized; the layers build themselves from it."""
+
+    scheme: str  # a16w8 | a16w4 | a8w8
+    group_size: int | None = None  # a16w4: inputs per scale/zero group
+    algorithm: str = "rtn"
+    compute_dtype: str = "bfloat16"  # activations, embeddings, norms, biases, LM head
+    kv_cache_dtype: str = "auto"  # "int8": the engine stores keys/values as int8 unless told otherwise
+    quantize_lm_head: bool = False
+    smoothing: bool = False  # a8w8: per-input-channel factors migrate activation outliers into the weights
+    calibration: dict[str, Any] | None = None  # source, sha256, tokens
+
+    def __post_init__(self) -> None:
+        scheme = QUANTIZATION_SCHEMES.get(self.scheme)
+        if scheme is None:
+            raise ConfigError(f"unknown quantization scheme '{self.scheme}' "
+                              f"(expected one of {', '.join(QUANTIZATION_SCHEMES)})")
+        if scheme.group_sizes:
+            if self.group_size not in scheme.group_sizes:
+                raise ConfigError(f"{self.scheme} needs a group size of {_one_of(scheme.group_sizes)}, "
+                                  f"got {self.group_size!r}")
+        elif self.group_size is not None:
+            grouped = [s.name for s in QUANTIZATION_SCHEMES.values() if s.group_sizes]
+            raise ConfigError(f"group size applies to {', '.join(grouped)} only; {self.scheme} is quantized per "
+                              "output channel")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm '{self.algorithm}' (expected one of {', '.join(ALGORITHMS)})")
+        if self.algorithm not in scheme.algorithms:
+            implemented = [s.name for s in QUANTIZATION_SCHEMES.values() if self.algorithm in s.algorithms]
+            raise ConfigError(f"algorithm '{self.algorithm}' is implemented for {', '.join(implemented)} only, "
+                              f"not {self.scheme}")
+        if (self.algorithm == "smoothquant") != self.smoothing:
+            raise ConfigError("smoothing is what algorithm 'smoothquant' does: set both or neither")
+        if self.compute_dtype not in DTYPES:
+            raise ConfigError(f"compute dtype '{self.compute_dtype}' is not supported "
+                              f"(expected one of {', '.join(DTYPES)})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv cache dtype '{self.kv_cache_dtype}' is not supported "
+                              f"(expected one of {', '.join(KV_CACHE_DTYPES)})")
+
+    @property
+    def weight_dtype(self) -> str:
+        return QUANTIZATION_SCHEMES[self.scheme].weight_dtype
+
+    @property
+    def act_dtype(self) -> str | None:
+        return QUANTIZATION_SCHEMES[self.scheme].act_dtype
+
+    def describe(self) -> str:
+        group = f", group {self.group_size}" if self.group_size else ""
+        return f"{self.scheme} ({self.algorithm}{group})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "quantization config") -> "QuantizationConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        if "scheme" not in data:
+            raise ConfigError(f"{source}: missing required field 'scheme'")
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+
+
+def _one_of(values) -> str:
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]

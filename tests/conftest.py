@@ -56,8 +56,6 @@ TINY_VARIANTS = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})),
 }
-# Architectures whose ONNX export is not implemented yet: their export is refused with one line.
-NOT_EXPORTABLE = {"qwen3", "gemma3"}
 
 
 def make_hf_model(variant: str, seed: int = 0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import make_hf_model, prefill_logits
 
-from llminfer import LLM, AutoModel, SamplingParams
+from llminfer import LLM, AutoModel, SamplingParams, generate
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12, 13], list(range(20, 60))]
 
@@ -55,9 +55,9 @@ def test_greedy_tokens_match_transformers_for_32_steps(tiny_hf):
 def test_model_style_generate_returns_prompt_plus_new_ids(tiny_llama_folder):
     model = AutoModel.from_pretrained(tiny_llama_folder)
     ids = torch.tensor([PROMPTS[0]])
-    out = model.generate(ids, max_new_tokens=8)
+    out = generate(model, ids, max_new_tokens=8)
     assert out.shape == (1, len(PROMPTS[0]) + 8)
     assert out[0, : len(PROMPTS[0])].tolist() == PROMPTS[0]
-    sampled = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=3, seed=1)
+    sampled = generate(model, ids, max_new_tokens=8, do_sample=True, top_k=3, seed=1)
     assert sampled.shape == out.shape
-    assert torch.equal(sampled, model.generate(ids, max_new_tokens=8, do_sample=True, top_k=3, seed=1))
+    assert torch.equal(sampled, generate(model, ids, max_new_tokens=8, do_sample=True, top_k=3, seed=1))

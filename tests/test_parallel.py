@@ -71,18 +71,22 @@ def test_torchrun_greedy_equals_one_process(gqa_folder, n):
 
 
 def test_shard_plan_splits_heads_and_replicates_kv_heads_when_fewer_than_ranks():
+    from llminfer.parallel.shard import rank_skeleton
+
     config = ModelConfig("llama", 256, 64, 128, 2, 8, 2, 8, 128)
-    plans = [ShardPlan(config, r, 4) for r in range(4)]
-    assert [p.split("model.layers.0.self_attn.q_proj.weight").ranges for p in plans] == [
+    ranks = [rank_skeleton(ShardPlan(config, r, 4)) for r in range(4)]  # each layer says which share it holds
+    assert [m.checkpoint_split("model.layers.0.self_attn.q_proj.weight").ranges for m in ranks] == [
         ((0, 16),), ((16, 16),), ((32, 16),), ((48, 16),)]
-    kv_ranges = [p.split("model.layers.0.self_attn.k_proj.weight").ranges for p in plans]
+    kv_ranges = [m.checkpoint_split("model.layers.0.self_attn.k_proj.weight").ranges for m in ranks]
     assert kv_ranges == [((0, 8),)] * 2 + [((8, 8),)] * 2
-    assert plans[1].split("model.layers.0.mlp.down_proj.weight").axis == 1
-    assert plans[1].split("model.norm.weight").axis is None
-    # a quantized checkpoint's fused q|k|v rows: rank 3 takes query rows 48..64, KV head 1 of k (64 + 8) and v (80 + 8)
-    assert plans[3].split("model.layers.0.self_attn.qkv_proj.scales").ranges == ((48, 16), (72, 8), (88, 8))
-    assert plans[1].split("model.layers.0.mlp.gate_up_proj.qweight").ranges == ((32, 32), (160, 32))
-    assert plans[0].rank_config.num_key_value_heads == 1 and plans[0].rank_config.num_attention_heads == 2
+    assert ranks[1].checkpoint_split("model.layers.0.mlp.down_proj.weight").axis == 1
+    assert ranks[1].checkpoint_split("model.norm.weight").axis is None
+    # a checkpoint storing q|k|v fused: rank 3 takes query rows 48..64, KV head 1 of k (64 + 8) and v (80 + 8)
+    assert ranks[3].checkpoint_split("model.layers.0.self_attn.qkv_proj.weight").ranges == ((48, 16), (72, 8),
+                                                                                           (88, 8))
+    assert ranks[1].checkpoint_split("model.layers.0.mlp.gate_up_proj.weight").ranges == ((32, 32), (160, 32))
+    assert ranks[2].checkpoint_split("model.embed_tokens.weight").ranges == ((128, 64),)
+    assert ranks[0].config.num_key_value_heads == 1 and ranks[0].config.num_attention_heads == 2
 
 
 def test_sizes_that_do_not_divide_the_model_are_refused_with_the_valid_ones():
@@ -95,17 +99,22 @@ def test_sizes_that_do_not_divide_the_model_are_refused_with_the_valid_ones():
 
 
 def test_quantized_shard_plan_splits_int4_along_groups_and_replicates_channel_scales():
-    from llminfer.quantization.config import QuantizationConfig
+    from llminfer.config import QuantizationConfig
+    from llminfer.parallel.shard import rank_skeleton
 
     config = ModelConfig("llama", 256, 64, 128, 2, 8, 2, 8, 128)
-    int4 = ShardPlan(config, 1, 2, QuantizationConfig("a16w4", group_size=32))
-    assert int4.split("model.layers.0.self_attn.o_proj.qweight").ranges == ((16, 16),)  # columns 32..64, 2 per byte
-    assert int4.split("model.layers.0.self_attn.o_proj.scales").ranges == ((1, 1),)  # group 1 of 2
-    assert int4.split("model.layers.0.mlp.down_proj.zeros").ranges == ((2, 2),)
-    int8 = ShardPlan(config, 1, 2, QuantizationConfig("a8w8", algorithm="smoothquant", smoothing=True))
-    assert int8.split("model.layers.0.mlp.down_proj.scales").axis is None  # one per output channel
-    assert int8.split("model.layers.0.mlp.down_proj.smooth").ranges == ((64, 64),)
-    assert int8.split("lm_head.qweight").ranges == ((128, 128),)
+    int4 = rank_skeleton(ShardPlan(config, 1, 2, QuantizationConfig("a16w4", group_size=32)))
+    assert int4.checkpoint_split("model.layers.0.self_attn.o_proj.qweight").ranges == ((16, 16),)  # 2 per byte
+    assert int4.checkpoint_split("model.layers.0.self_attn.o_proj.scales").ranges == ((1, 1),)  # group 1 of 2
+    assert int4.checkpoint_split("model.layers.0.mlp.down_proj.zeros").ranges == ((2, 2),)
+    # fused q|k|v stored quantized: rows 32..64 of q, KV head 1 of k (64 + 8) and of v (80 + 8)
+    assert int4.checkpoint_split("model.layers.0.self_attn.qkv_proj.scales").ranges == ((32, 32), (72, 8), (88, 8))
+    smoothed = QuantizationConfig("a8w8", algorithm="smoothquant", smoothing=True, quantize_lm_head=True)
+    int8 = rank_skeleton(ShardPlan(config, 1, 2, smoothed))
+    assert int8.checkpoint_split("model.layers.0.mlp.down_proj.scales").axis is None  # one per output channel
+    assert int8.checkpoint_split("model.layers.0.mlp.down_proj.smooth").ranges == ((64, 64),)
+    assert int8.checkpoint_split("model.layers.0.mlp.gate_up_proj.smooth").axis is None  # every rank sees all inputs
+    assert int8.checkpoint_split("lm_head.qweight").ranges == ((128, 128),)
     with pytest.raises(ConfigError, match=r"size 4 does not divide its row-parallel projections into whole int4 "
                                           r"groups of 32 \(valid sizes: 1, 2\)"):
         ShardPlan(config, 0, 4, QuantizationConfig("a16w4", group_size=32))

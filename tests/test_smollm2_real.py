@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llminfer import SamplingParams, Tokenizer
+from llminfer import AutoTokenizer, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def test_chat_stops_at_end_of_turn(smollm2_llm):
     messages = [{"role": "user", "content": "Say hello."}]
     output = smollm2_llm.chat(messages, SamplingParams(max_tokens=64, temperature=0))[0]
     assert output.finish_reason == "stop"
-    assert output.token_ids[-1] == Tokenizer.from_pretrained("smollm2-135m").eos_token_id
+    assert output.token_ids[-1] == AutoTokenizer.from_pretrained("smollm2-135m").eos_token_id
     assert "<|im_end|>" not in output.text and output.text.strip()
 
 

@@ -10,6 +10,7 @@ import pytest
 from llminfer.engine.request import Request
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.errors import TokenizerError
+from llminfer.loading import AutoTokenizer
 from llminfer.tokenizer import IncrementalDetokenizer, Tokenizer
 from llminfer.tokenizer.chat_template import render_chat_template
 from llminfer.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
@@ -152,7 +153,7 @@ def test_length_limit_finishes_with_length():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer() -> Tokenizer:
-    return Tokenizer.from_pretrained("smollm2-135m")
+    return AutoTokenizer.from_pretrained("smollm2-135m")
 
 
 def test_incremental_detokenizer_never_emits_broken_utf8(smollm2_tokenizer):

@@ -154,15 +154,54 @@ def export(args: argparse.Namespace) -> int:
 
 
 def quantize(args: argparse.Namespace) -> int:
-    from llminfer.quantization.ptq import quantize_checkpoint
+    """`llminfer quantize`: load a float checkpoint, quantize it, save it. Validates everything before the
+    (slow) load, and writes nothing unless it all succeeds."""
+    from pathlib import Path
 
-    destination = quantize_checkpoint(args.source, args.output, args.scheme, group_size=args.group_size,
-                                      algorithm=args.algorithm, calibration_file=args.calibration,
-                                      kv_cache_dtype=args.kv_cache_dtype, compute_dtype=args.dtype,
-                                      calibration_tokens=args.calibration_tokens,
-                                      smoothquant_alpha=args.smoothquant_alpha, overwrite=args.overwrite)
-    print(f"quantized {args.source} -> {destination} ({args.scheme}, {args.algorithm})")
+    from llminfer.errors import ConfigError
+    from llminfer.loading import open_checkpoint
+    from llminfer.loading.convert import check_destination
+    from llminfer.model.auto import load_model
+    from llminfer.perplexity import read_text_file
+    from llminfer.quantization import PTQConfig, quantizer_for, save_quantized
+    from llminfer.schemes import QUANTIZATION_SCHEMES
+
+    source, destination, scheme, group_size = args.source, args.output, args.scheme, args.group_size
+    algorithm, calibration_file = args.algorithm, args.calibration
+    group_sizes = QUANTIZATION_SCHEMES[scheme].group_sizes
+    if group_sizes and group_size is None:
+        raise ConfigError(f"--scheme {scheme} needs --group-size ({', '.join(map(str, group_sizes))})")
+    config = PTQConfig.for_scheme(scheme, group_size=group_size, algorithm=algorithm, kv_dtype=args.kv_cache_dtype,
+                                  compute_dtype=args.dtype, calibration_tokens=args.calibration_tokens,
+                                  smoothquant_alpha=args.smoothquant_alpha)
+    quantizer = quantizer_for(config)
+    if calibration_file is not None and not quantizer.needs_calibration:
+        raise ConfigError(f"--calibration is used by gptq and smoothquant, not by {algorithm}")
+    text = read_text_file(calibration_file, "calibration file") if calibration_file is not None else None
+    check_destination(Path(destination), args.overwrite)  # before the slow load, not only when writing
+    checkpoint = open_checkpoint(source)
+    if checkpoint.quantization_config() is not None:
+        raise ConfigError(f"{source}: already quantized ({checkpoint.quantization_config().describe()}); "
+                          "quantize the float checkpoint")
+    for name, width in (("hidden_size", checkpoint.config.hidden_size),
+                        ("intermediate_size", checkpoint.config.intermediate_size)):
+        if group_size is not None and width % group_size:
+            valid = ", ".join(str(g) for g in group_sizes if _divides_all(checkpoint, g))
+            raise ConfigError(f"{source}: group size {group_size} does not divide {name} = {width} "
+                              f"(valid here: {valid})")
+    print(f"llminfer: loading {source} ...", file=sys.stderr, flush=True)
+    model = load_model(checkpoint, "float32")
+    quantizer.apply(model, calibration=text, calibration_source=calibration_file)
+    quantizer.convert(model)
+    save_quantized(model, destination, overwrite=args.overwrite, source=source)
+    print(f"quantized {source} -> {destination} ({scheme}, {algorithm})")
     return 0
+
+
+def _divides_all(checkpoint, group_size: int) -> bool:
+    config = checkpoint.config
+    return not (config.hidden_size % group_size or config.intermediate_size % group_size
+                or (config.num_attention_heads * config.head_dim) % group_size)
 
 
 def shard(args: argparse.Namespace) -> int:
@@ -171,4 +210,45 @@ def shard(args: argparse.Namespace) -> int:
     destination = shard_checkpoint(args.source, args.output, args.ranks, dtype=args.dtype,
                                    overwrite=args.overwrite)
     print(f"sharded {args.source} -> {destination} ({args.ranks} ranks)")
+    return 0
+
+
+def perplexity(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from llminfer import perplexity as scoring
+    from llminfer.errors import ConfigError, TokenizerError
+
+    text = scoring.read_text_file(args.text_file, "text file") if args.text_file else scoring.default_text()
+    print(f"llminfer: loading {args.model} ...", file=sys.stderr, flush=True)
+    # Through LLM, so that --tensor-parallel-size N scores with N ranks (the others follow rank 0's steps).
+    llm = LLM(args.model, **model_options(args), enable_prefix_caching=False,
+              max_num_batched_tokens=max(2048, args.context_len))
+    context = llm.engine.max_model_len
+    if args.context_len >= context:
+        raise ConfigError(f"--context-len {args.context_len} does not fit the model's context of {context} tokens "
+                          f"(each window is prefilled whole; use --context-len {context - 1} or less)")
+    if llm.tokenizer is None:
+        raise TokenizerError(f"{args.model}: has no tokenizer, so no text can be scored")
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    if args.max_tokens:
+        ids = ids[:args.max_tokens]
+    with tqdm(total=-(-len(ids) // args.context_len), desc="windows", unit="win", file=sys.stderr,
+              disable=args.json) as bar:
+        result = scoring.perplexity(llm.model, ids, args.context_len, progress=lambda done, total: bar.update(1),
+                            engine=llm.engine)
+    kv_dtype = llm.engine.kv_cache_dtype
+    model = llm.model
+    dtype = str(model.dtype).replace("torch.", "")
+    scheme = model.quantization.describe() if model.quantization else None
+    report = {"model": args.model, "dtype": dtype, "quantization": scheme, "kv_cache_dtype": kv_dtype,
+              "text": args.text_file or "pydoc_data.topics", **vars(result)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens ({result.windows} windows of "
+              f"{result.context_len}, {report['text']}, {dtype}{', ' + scheme if scheme else ''}, kv {kv_dtype}) "
+              f"in {result.seconds:.1f} s")
     return 0

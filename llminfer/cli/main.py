@@ -13,6 +13,9 @@ from typing import Callable
 
 from llminfer.errors import LLMInferError
 from llminfer.loading.default_models import DEFAULT_MODEL
+from llminfer.schemes import ALGORITHMS, DTYPE_NAMES, KV_CACHE_DTYPES, QUANTIZATION_SCHEMES
+
+GROUP_SIZES = sorted({g for scheme in QUANTIZATION_SCHEMES.values() for g in scheme.group_sizes})
 
 logger = logging.getLogger("llminfer")
 
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert an HF folder or GGUF file to llminfer's format")
     convert.add_argument("source", help="HF model folder, .gguf file, hub id or alias")
     convert.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")
-    convert.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    convert.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     convert.add_argument("--max-shard-size", type=_size, default="2GB", help="largest safetensors shard (e.g. 500MB)")
     convert.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     convert.set_defaults(handler=_lazy("llminfer.cli.commands", "convert"))
@@ -84,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--tp", "--tensor-parallel-size", dest="ranks", type=positive_int, required=True,
                        help="number of ranks to split for")
     shard.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")
-    shard.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
+    shard.add_argument("--dtype", choices=DTYPE_NAMES, help="default: as stored")
     shard.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     shard.set_defaults(handler=_lazy("llminfer.cli.commands", "shard"))
 
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="onnx", choices=["onnx"])
     export.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     export.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (18 to 23; default 18)")
-    export.add_argument("--quantization", choices=["a16w8"],
+    export.add_argument("--quantization", choices=[s.name for s in QUANTIZATION_SCHEMES.values() if s.exportable],
                         help="quantize a float checkpoint (round-to-nearest) before exporting")
     export.add_argument("--all-logits", action="store_true",
                         help="output logits at every position (for scoring), not only the last (for generation)")
@@ -104,17 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="post-training quantization of a float checkpoint")
     quantize.add_argument("source", help="HF model folder, .gguf file, converted folder, hub id or alias")
     quantize.add_argument("-o", "--output", required=True, help="destination folder (must not exist or be empty)")
-    quantize.add_argument("--scheme", required=True, choices=["a16w8", "a16w4", "a8w8"])
-    quantize.add_argument("--group-size", type=int, choices=[32, 64, 128], help="a16w4: inputs per scale group")
-    quantize.add_argument("--algorithm", default="rtn", choices=["rtn", "gptq", "smoothquant"],
+    quantize.add_argument("--scheme", required=True, choices=list(QUANTIZATION_SCHEMES))
+    quantize.add_argument("--group-size", type=int, choices=GROUP_SIZES,
+                          help="a grouped scheme (a16w4): inputs per scale group")
+    quantize.add_argument("--algorithm", default="rtn", choices=ALGORITHMS,
                           help="rtn: round-to-nearest; gptq: error-compensating (a16w4, calibrated); "
                                "smoothquant: activation-outlier migration (a8w8, calibrated)")
     quantize.add_argument("--calibration", help="UTF-8 text file for calibration (default: Python's stdlib "
                                                 "docstrings, never the perplexity text)")
     quantize.add_argument("--calibration-tokens", type=positive_int, default=16384)
     quantize.add_argument("--smoothquant-alpha", type=float, default=0.5)
-    quantize.add_argument("--kv-cache-dtype", choices=["int8"], help="record an int8 KV cache as the default")
-    quantize.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+    quantize.add_argument("--kv-cache-dtype", choices=[d for d in KV_CACHE_DTYPES if d != "auto"],
+                          help="record this KV-cache dtype as the default")
+    quantize.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES,
                           help="compute dtype of the quantized model")
     quantize.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     quantize.set_defaults(handler=_lazy("llminfer.cli.commands", "quantize"))
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--context-len", type=positive_int, default=512, help="tokens per scored window")
     ppl.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens of the text")
     ppl.add_argument("--json", action="store_true", help="print JSON instead of a line")
-    ppl.set_defaults(handler=_lazy("llminfer.perplexity", "perplexity_command"))
+    ppl.set_defaults(handler=_lazy("llminfer.cli.commands", "perplexity"))
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page at /")
     _model_arguments(serve)
@@ -142,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-size", type=_size, default="4MB", help="larger request bodies get 413")
     serve.add_argument("--drain-timeout", type=float, default=300.0,
                        help="seconds SIGTERM waits for requests in flight before exiting")
-    serve.set_defaults(handler=_lazy("llminfer.server.serve", "serve_command"))
+    serve.set_defaults(handler=_lazy("llminfer.cli.serve", "serve_command"))
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
@@ -158,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "with the same prompts; ratios are "
                               "to --model")
     latency.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    latency.set_defaults(handler=_lazy("llminfer.bench", "latency_command"))
+    latency.set_defaults(handler=_lazy("llminfer.cli.bench", "latency_command"))
     throughput = bench_kinds.add_parser("throughput", help="requests/s and tokens/s of a many-request workload")
     _model_arguments(throughput)
     throughput.add_argument("--num-prompts", type=positive_int, default=64)
@@ -170,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--compare", choices=["hf"], help="also run transformers' batched generate")
     throughput.add_argument("--hf-batch-size", type=positive_int, default=64, help="prompts per transformers batch")
     throughput.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    throughput.set_defaults(handler=_lazy("llminfer.bench", "throughput_command"))
+    throughput.set_defaults(handler=_lazy("llminfer.cli.bench", "throughput_command"))
     serve_bench = bench_kinds.add_parser("serve", help="load a running server with streaming requests")
     serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     serve_bench.add_argument("--model", help="model id to send (default: whatever the server serves)")
@@ -183,23 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
                              help="range of the random prompt token ids (default: the default model's vocabulary, "
                                   "so the prompts equal bench throughput's)")
     serve_bench.add_argument("--json", action="store_true", help="print JSON instead of text")
-    serve_bench.set_defaults(handler=_lazy("llminfer.bench_serve", "serve_benchmark_command"))
+    serve_bench.set_defaults(handler=_lazy("llminfer.cli.bench_serve", "serve_benchmark_command"))
     return parser
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
                         help=f"alias, HF folder, .gguf file, converted folder or hub id (default: {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                         help="compute dtype (auto: float32, or bfloat16 for quantized models)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--max-model-len", type=positive_int, help="cap on prompt + generated tokens")
     parser.add_argument("--kv-cache-memory", help="KV cache budget: a size (2GiB, 512MB) or a fraction of free "
                                                   "memory (0.3); default: a tenth of free RAM up to 2GiB on CPU")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="int8: keys and values stored as int8 with per-token, per-head scales (auto: the "
                              "model's dtype, or what a quantized checkpoint recorded)")
-    parser.add_argument("--quantization", choices=["a16w8", "a16w4", "a8w8"],
+    parser.add_argument("--quantization", choices=list(QUANTIZATION_SCHEMES),
                         help="quantize a float checkpoint at load (round-to-nearest; a16w4 uses groups of 32); "
                              "for GPTQ, SmoothQuant or other group sizes use `llminfer quantize`")
     parser.add_argument("--ops", metavar="OP=IMPL,...",

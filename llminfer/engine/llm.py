@@ -52,9 +52,14 @@ class LLM:
         self.model_config = checkpoint.config
         rank, world = _parallel_rank(tensor_parallel_size, device)
         self.tensor_parallel_size = world
-        plan = (ShardPlan(checkpoint.config, rank, world, load_time_quantization(checkpoint, quantization))
-                if world > 1 else None)
-        self.model = load_model(checkpoint, dtype, device, quantization, plan, resolve_ops(self.config.ops, device))
+        plan = collectives = None
+        if world > 1:
+            from llminfer.parallel.communication import TorchCollectives
+
+            plan = ShardPlan(checkpoint.config, rank, world, load_time_quantization(checkpoint, quantization))
+            collectives = TorchCollectives(world)
+        self.model = load_model(checkpoint, dtype, device, quantization, plan, resolve_ops(self.config.ops, device),
+                                collectives)
         self.config = replace(self.config, dtype=str(self.model.dtype).replace("torch.", ""))
         self.tokenizer = self.model.tokenizer
         if rank > 0:
@@ -62,7 +67,7 @@ class LLM:
         identity = f"{checkpoint.name}|{self.config.dtype}|{self.model.quantization and self.model.quantization.scheme}"
         self.engine = LLMEngine(self.model, self.tokenizer, self.config, model_identity=identity)
         if world > 1:
-            from llminfer.parallel.runtime import BroadcastingRunner, share_cache_shape
+            from llminfer.engine.distributed import BroadcastingRunner, share_cache_shape
 
             share_cache_shape(self.engine.cache.num_blocks)
             self.engine.runner = BroadcastingRunner(self.model, self.engine.cache, self.engine.runner.backend)
@@ -123,8 +128,8 @@ class LLM:
 
 
 def _parallel_rank(tensor_parallel_size: int, device: str) -> tuple[int, int]:
+    from llminfer.engine.distributed import distributed_env, init_distributed
     from llminfer.errors import ConfigError
-    from llminfer.parallel.runtime import distributed_env, init_distributed
 
     _, world = distributed_env()
     if tensor_parallel_size > 1 and world != tensor_parallel_size:
@@ -136,10 +141,10 @@ def _parallel_rank(tensor_parallel_size: int, device: str) -> tuple[int, int]:
 
 def _serve_rank(model, config: EngineConfig) -> None:
     """Ranks other than 0: allocate the same number of KV blocks as rank 0, follow its steps, then exit."""
+    from llminfer.engine.distributed import follow, leave_process_group, share_cache_shape
     from llminfer.engine.llm_engine import resolve_kv_cache_dtype
     from llminfer.engine.model_runner import ModelRunner
     from llminfer.kv_cache import PagedAttentionBackend, PagedKVCache
-    from llminfer.parallel.runtime import follow, leave_process_group, share_cache_shape
 
     cfg = model.config
     num_blocks = share_cache_shape(None)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from llminfer.errors import ConfigError, UnsupportedModelError
-from llminfer.export.graph import EXPORTABLE_ARCHITECTURES, EXPORTABLE_SCHEMES, DecoderStep
+from llminfer.export.graph import EXPORTABLE_SCHEMES, DecoderStep
 from llminfer.files import file_sha256
 from llminfer.lite.model import EXPORT_FORMAT, EXPORT_MANIFEST
 
@@ -42,6 +42,7 @@ def export_onnx(source: str, destination: str | Path, dtype: str = "float32", op
     from llminfer.loading import open_checkpoint
     from llminfer.loading.convert import check_destination, staged_folder
     from llminfer.model.auto import load_model
+    from llminfer.ops import reference_ops
 
     destination = Path(destination)
     if dtype not in EXPORT_DTYPES:
@@ -56,13 +57,10 @@ def export_onnx(source: str, destination: str | Path, dtype: str = "float32", op
         what = f"is quantized as {stored.describe()}" if stored else f"--quantization {scheme} was asked for"
         raise UnsupportedModelError(f"{source}: {what}; ONNX export supports float models and "
                                     f"{', '.join(EXPORTABLE_SCHEMES)}")
-    if checkpoint.config.model_type not in EXPORTABLE_ARCHITECTURES:
-        raise UnsupportedModelError(f"{source}: ONNX export of {checkpoint.config.model_type} models is not "
-                                    f"implemented yet (exportable: {', '.join(EXPORTABLE_ARCHITECTURES)})")
     if getattr(checkpoint, "tensor_parallel_size", 1) > 1:
         raise UnsupportedModelError(f"{source}: is sharded for tensor parallelism; export the unsharded checkpoint")
     _progress(f"loading {source} ({dtype}{', ' + scheme if scheme else ''})")
-    model = load_model(checkpoint, dtype, "cpu", quantization)
+    model = load_model(checkpoint, dtype, "cpu", quantization, ops=reference_ops("cpu"))  # plain ops trace
     tokenizer = model.tokenizer
     if tokenizer is None:
         logger.warning("%s has no tokenizer: the export will take token ids only", source)

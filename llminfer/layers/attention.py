@@ -2,7 +2,8 @@
 
 The layer knows heads, scale and window; it never touches the cache. Each forward pass the model
 runner hands in a `ForwardContext`: the backend (which owns the KV cache and calls the attention ops)
-and the batch's `AttentionMetadata`. Another cache layout or kernel family means a new backend, not a
+and the batch's `AttentionMetadata`. Backends: the engine's paged one (llminfer.kv_cache) and a dense one
+here for whole-sequence passes without a cache. Another cache layout or kernel family means a new backend, not a
 new model.
 """
 
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from llminfer.ops import OpSet
 
 
 @dataclass
@@ -40,6 +45,33 @@ class AttentionBackend(ABC):
     def forward(self, layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
+
+
+class DenseAttentionBackend(AttentionBackend):
+    """No cache: each sequence of the flattened batch attends causally over its own tokens of this pass.
+    For whole-sequence passes outside the engine (calibration statistics)."""
+
+    def __init__(self, ops: "OpSet") -> None:
+        self.ops = ops
+
+    def forward(self, layer: "Attention", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        out = torch.empty_like(q)
+        starts = metadata.query_start_loc
+        for start, end in zip(starts, starts[1:]):
+            rows = slice(start, end)
+            out[rows] = self.ops.prefill_attention(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1),
+                                                   layer.scale, layer.sliding_window)
+        return out
+
+    @staticmethod
+    def context(ops: "OpSet", sequence_lengths: list[int], device: torch.device) -> "ForwardContext":
+        starts = [0]
+        for length in sequence_lengths:
+            starts.append(starts[-1] + length)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return ForwardContext(DenseAttentionBackend(ops), AttentionMetadata(starts, list(sequence_lengths), empty,
+                                                                             empty))
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""Linear layers that know how checkpoint tensors load into them.
+"""Linear layers that know how checkpoint tensors load into them, and which share of them a rank holds.
 
-The model file only says which projections exist; the product itself is the `linear` op of the layer's
-OpSet. Quantized layers (llminfer.quantization.layers) take a float layer's place with the same weight
-loading contract for their own tensors.
+The model file asks the LayerFactory for each projection by its role; the product itself is the `linear` op of
+the layer's OpSet. Quantized layers (llminfer.quantization.layers) follow the same loading and splitting
+contract for their own tensors, with their own constructors.
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llminfer.layers.parallel import REPLICATED, Parallel, ParallelOutput, TensorSplit
 from llminfer.ops import OpSet, default_ops
 
 
-class Linear(nn.Module):
+class Linear(ParallelOutput, nn.Module):
     """y = x W^T (+ b), with W stored [out_features, in_features] as in HF checkpoints."""
+
+    parts: tuple[str | int, ...] | None = None  # a fused projection's parts, in output order
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, ops: OpSet | None = None) -> None:
         super().__init__()
@@ -27,8 +30,20 @@ class Linear(nn.Module):
                 param.weight_loader = self.weight_loader  # how a checkpoint tensor lands in this parameter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
-        y = self.ops.linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        bias = self.bias_in_product
+        y = self.ops.linear(x.reshape(-1, self.in_features), self.weight, bias)
+        if self.parallel is not None:
+            y = self.combine(y, bias_added=bias is not None)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def tensor_split(self, suffix: str, shard: str | int | None = None) -> TensorSplit:
+        """The share of the checkpoint tensor `<prefix>.<suffix>` (part `shard` of a fused one) this rank holds."""
+        parallel: Parallel | None = self.parallel
+        if parallel is None:
+            return REPLICATED
+        if parallel.role == "row":  # one input column range; the bias belongs to every output, added once
+            return REPLICATED if suffix == "bias" else parallel.columns()
+        return parallel.rows(shard, self.parts)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: int | str | None = None) -> None:
         _copy_checked(param.data, loaded)
@@ -44,6 +59,7 @@ class MergedLinear(Linear):
     def __init__(self, in_features: int, shards: dict[str | int, int], bias: bool = False,
                  ops: OpSet | None = None) -> None:
         super().__init__(in_features, sum(shards.values()), bias, ops)
+        self.parts = tuple(shards)
         self.shard_offsets: dict[str | int, tuple[int, int]] = {}
         offset = 0
         for name, width in shards.items():

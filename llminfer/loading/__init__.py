@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING
 
 from llminfer._lazy import lazy_attributes
 
-_EXPORTS = {"Checkpoint": "llminfer.loading.checkpoint", "open_checkpoint": "llminfer.loading.resolve"}
+_EXPORTS = {"Checkpoint": "llminfer.loading.checkpoint", "open_checkpoint": "llminfer.loading.resolve",
+            "AutoTokenizer": "llminfer.loading.resolve"}
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from llminfer.loading.checkpoint import Checkpoint  # noqa: F401 (re-exported)
-    from llminfer.loading.resolve import open_checkpoint  # noqa: F401 (re-exported)
+    from llminfer.loading.resolve import AutoTokenizer, open_checkpoint  # noqa: F401 (re-exported)
 
 
 __getattr__ = lazy_attributes(__name__, _EXPORTS)

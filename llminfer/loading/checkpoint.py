@@ -12,7 +12,7 @@ from llminfer.config import ModelConfig
 from llminfer.errors import ConfigError
 
 if TYPE_CHECKING:
-    from llminfer.quantization.config import QuantizationConfig
+    from llminfer.config import QuantizationConfig
     from llminfer.tokenizer import Tokenizer
 
 

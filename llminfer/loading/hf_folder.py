@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -11,13 +12,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from llminfer.config import ModelConfig
+from llminfer.config import QUANTIZATION_MANIFEST, ModelConfig, QuantizationConfig
 from llminfer.errors import ModelFormatError
 from llminfer.files import read_json_object
 from llminfer.loading.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
-    from llminfer.quantization.config import QuantizationConfig
     from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -108,11 +108,8 @@ class HFFolderCheckpoint(Checkpoint):
                         yield name, tensor
                         bar.update()
 
-    def quantization_config(self) -> "QuantizationConfig | None":
-        from llminfer.quantization.config import MANIFEST_FILE
-        from llminfer.quantization.save import read_quantization_manifest
-
-        if not (self.path / MANIFEST_FILE).is_file():
+    def quantization_config(self) -> QuantizationConfig | None:
+        if not (self.path / QUANTIZATION_MANIFEST).is_file():
             return None
         return read_quantization_manifest(self.path, self._tensor_shapes())
 
@@ -155,3 +152,31 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise ModelFormatError(f"{file}: not a loadable PyTorch weights file ({exc})".splitlines()[0]) from None
+
+
+def read_quantization_manifest(folder: Path, tensor_shapes: dict[str, tuple[str, list[int]]]
+                               ) -> QuantizationConfig:
+    """Parse quantization.json and check it against the tensors actually in the folder."""
+    file = folder / QUANTIZATION_MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("quantization"), dict):
+        raise ModelFormatError(f"{file}: missing the 'quantization' object")
+    config = QuantizationConfig.from_dict(manifest["quantization"], str(file))
+    listed = manifest.get("quantized_tensors")
+    if not isinstance(listed, dict) or not listed:
+        raise ModelFormatError(f"{file}: missing the 'quantized_tensors' listing")
+    for name, entry in listed.items():
+        if name not in tensor_shapes:
+            raise ModelFormatError(f"{file}: lists tensor '{name}', which is not in the weight files")
+        dtype, shape = tensor_shapes[name]
+        if [dtype, list(shape)] != [entry.get("dtype"), entry.get("shape")]:
+            raise ModelFormatError(f"{file}: tensor '{name}' is {dtype} {list(shape)} in the weight files, "
+                                   f"the manifest says {entry.get('dtype')} {entry.get('shape')}")
+    unlisted = [n for n in tensor_shapes if n.endswith((".qweight", ".scales", ".zeros", ".smooth"))
+                and n not in listed]
+    if unlisted:
+        raise ModelFormatError(f"{file}: tensor '{unlisted[0]}' is in the weight files but not in the manifest")
+    return config

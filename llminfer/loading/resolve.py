@@ -6,11 +6,13 @@ import logging
 import re
 from pathlib import Path
 
-from llminfer.errors import ModelFormatError, ModelNotFoundError
+from llminfer.errors import ModelFormatError, ModelNotFoundError, TokenizerError
 from llminfer.loading.checkpoint import Checkpoint
 from llminfer.loading.default_models import ALIASES, fetch_alias
 from llminfer.loading.gguf_file import GGUFCheckpoint
 from llminfer.loading.hf_folder import HFFolderCheckpoint
+from llminfer.loading.sharded import STRATEGY, ShardedCheckpoint
+from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +32,7 @@ def open_checkpoint(model: str) -> Checkpoint:
             raise ModelFormatError(f"{path}: is an ONNX export; run it with "
                                    f"`llminfer-lite generate --model {path} ...` "
                                    "(or give the folder it was exported from)")
-        if (path / "strategy.json").is_file():
-            from llminfer.parallel.shard import ShardedCheckpoint
-
+        if (path / STRATEGY).is_file():
             return ShardedCheckpoint(path)
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and not (path / "model_config.json").exists() and len(ggufs) == 1:
@@ -69,3 +69,15 @@ def _download_from_hub(repo_id: str) -> Path:
     except Exception as exc:  # network, auth, missing repo: all reported the same way
         raise ModelNotFoundError(f"model '{repo_id}': not a local path, and the hub download failed "
                                  f"({type(exc).__name__}: {exc})".splitlines()[0]) from None
+
+
+class AutoTokenizer:
+    """`AutoTokenizer.from_pretrained(model)`: the tokenizer of any model llminfer can open (alias, folder, GGUF
+    file or hub id), without loading its weights."""
+
+    @staticmethod
+    def from_pretrained(model: str | Path) -> Tokenizer:
+        tokenizer = open_checkpoint(str(model)).tokenizer()
+        if tokenizer is None:
+            raise TokenizerError(f"{model}: no tokenizer.json, tokenizer.model or GGUF vocabulary found")
+        return tokenizer

@@ -9,37 +9,41 @@ from pathlib import Path
 import torch
 
 from llminfer.architectures import architecture_of
-from llminfer.config import DTYPES, ModelConfig, load_model_config_file
+from llminfer.config import DTYPES, ModelConfig, QuantizationConfig, load_model_config_file
 from llminfer.errors import ConfigError
+from llminfer.layers.factory import LayerFactory
+from llminfer.layers.parallel import Collectives, TensorParallelPlan
 from llminfer.loading.checkpoint import Checkpoint
 from llminfer.model.base import CausalLM
 from llminfer.ops import OpSet, resolve_ops
-from llminfer.parallel.sharding import ShardPlan
-from llminfer.quantization.config import QuantizationConfig
+from llminfer.quantization.methods import QuantizationMethod
 
 logger = logging.getLogger(__name__)
 
+
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                quantization: QuantizationConfig | None = None, ops: OpSet | None = None) -> CausalLM:
+                quantization: QuantizationConfig | None = None, ops: OpSet | None = None,
+                shard_plan: TensorParallelPlan | None = None, collectives: Collectives | None = None) -> CausalLM:
     """An uninitialised network of the config's shape (weights are loaded afterwards), calling `ops` (default:
     the best implementations available on `device`).
 
-    With a quantization config, the linear layers it names are built as quantized layers and no float
-    weight is ever allocated for them: the float skeleton is built on the meta device first.
+    Its layers come from one LayerFactory: with a quantization config, the projections it covers are built as
+    quantized layers (no float weight is allocated for them); with a shard plan, as this rank's share of the
+    config's network (`config` is then the plan's rank config) combined through `collectives`.
     """
+    layers = LayerFactory(ops or resolve_ops(None, device),
+                          QuantizationMethod(quantization) if quantization is not None else None,
+                          shard_plan, collectives)
     # Create parameters directly in the target dtype and device: no float32 copy of a bf16 model.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device if quantization is None else "meta"):
-            network_class = architecture_of(config.model_type).network_class()
-            model = network_class(config, ops or resolve_ops(None, device))
-        if quantization is not None:
-            from llminfer.quantization.apply import build_quantized_layers
-
-            build_quantized_layers(model, quantization, device)
+        with torch.device(device):
+            model = architecture_of(config.model_type).network_class()(config, layers)
     finally:
         torch.set_default_dtype(previous)
+    if quantization is not None:
+        model.quantization = quantization
     return model.eval()
 
 
@@ -75,11 +79,12 @@ class AutoModel:
 
 
 def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
-               quantization: str | None = None, shard_plan: ShardPlan | None = None,
-               ops: OpSet | None = None) -> CausalLM:
+               quantization: str | None = None, shard_plan: TensorParallelPlan | None = None,
+               ops: OpSet | None = None, collectives: Collectives | None = None) -> CausalLM:
     """A ready network (tokenizer attached) from a checkpoint. Quantized checkpoints are built quantized and
     their packed weights loaded directly: no float weight of a quantized layer is ever created. With a shard
-    plan, this rank's share of the network, reading only its slice of each tensor."""
+    plan (and the collectives that join the ranks), this rank's share of the network, reading only its slice of
+    each tensor."""
     stored = checkpoint.quantization_config()
     if stored is not None and quantization not in (None, stored.scheme):
         raise ConfigError(f"{checkpoint.name}: the checkpoint is quantized as {stored.describe()}; "
@@ -87,33 +92,32 @@ def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
                           "checkpoint instead)")
     if dtype == "auto":
         dtype = stored.compute_dtype if stored else "bfloat16" if quantization else "float32"
-    config, tensors = checkpoint.config, None
-    if shard_plan is not None:  # this rank's heads, MLP width and vocabulary slice; only its slices are read
-        config = replace(shard_plan.rank_config, vocab_size=shard_plan.config.vocab_size // shard_plan.world_size)
-        if hasattr(checkpoint, "rank_tensors"):  # sharded offline: this rank's files hold exactly its slices
-            tensors = checkpoint.rank_tensors(shard_plan.rank, shard_plan.world_size)
-        else:
-            tensors = ((name, shard_plan.shard(name, tensor)) for name, tensor in checkpoint.named_tensors())
-    tensors = tensors if tensors is not None else checkpoint.named_tensors()
+    config = checkpoint.config if shard_plan is None else shard_plan.rank_config  # its heads and MLP width
     if stored is not None:
-        network = build_model(config, _dtype(dtype), device, replace(stored, compute_dtype=dtype), ops)
-        network.load_weights(tensors, source=checkpoint.name)
+        network = build_model(config, _dtype(dtype), device, replace(stored, compute_dtype=dtype), ops,
+                              shard_plan, collectives)
     else:
         # Float weights are loaded in float32 when they are about to be quantized: rounding happens once.
-        network = build_model(config, torch.float32 if quantization else _dtype(dtype), device, ops=ops)
-        network.load_weights(tensors, source=checkpoint.name)
-        if quantization:
-            from llminfer.quantization import RTN, PTQConfig
+        network = build_model(config, torch.float32 if quantization else _dtype(dtype), device, ops=ops,
+                              shard_plan=shard_plan, collectives=collectives)
+    network.load_weights(rank_tensors(checkpoint, network, shard_plan), source=checkpoint.name)
+    if stored is None and quantization:
+        from llminfer.quantization import RTN, PTQConfig
 
-            group_size = ON_THE_FLY_GROUP_SIZE if quantization == "a16w4" else None
-            RTN(PTQConfig.for_scheme(quantization, group_size=group_size, compute_dtype=dtype)).convert(network)
-    if shard_plan is not None:
-        from llminfer.parallel.layers import parallelize
-
-        parallelize(network, shard_plan)
-        network.config = shard_plan.rank_config  # the engine sees the whole vocabulary and this rank's KV heads
+        group_size = ON_THE_FLY_GROUP_SIZE if quantization == "a16w4" else None
+        RTN(PTQConfig.for_scheme(quantization, group_size=group_size, compute_dtype=dtype)).convert(network)
     network.tokenizer = checkpoint.tokenizer()
     return network
+
+
+def rank_tensors(checkpoint: Checkpoint, network: CausalLM, shard_plan: TensorParallelPlan | None = None):
+    """The checkpoint's tensors as `network` holds them: each sliced to this rank's share (by the layer it
+    loads into), or read as stored from a checkpoint sharded offline for this rank."""
+    if shard_plan is None:
+        return checkpoint.named_tensors()
+    if hasattr(checkpoint, "rank_tensors"):  # sharded offline: this rank's files hold exactly its slices
+        return checkpoint.rank_tensors(shard_plan.rank, shard_plan.world_size)
+    return ((name, network.checkpoint_split(name).take(tensor)) for name, tensor in checkpoint.named_tensors())
 
 
 ON_THE_FLY_GROUP_SIZE = 32  # a16w4 quantized at load; other group sizes through `llminfer quantize`

@@ -1,4 +1,4 @@
-"""What every causal LM class shares: weight loading by checkpoint name, and HF-style generate()."""
+"""What every causal LM class shares: weight loading by checkpoint name (generation: llminfer.generate)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from torch import nn
 
 from llminfer.config import ModelConfig
 from llminfer.errors import ModelFormatError
-from llminfer.layers.attention import ForwardContext
+from llminfer.layers.attention import DenseAttentionBackend, ForwardContext
+from llminfer.layers.factory import LayerFactory
 from llminfer.layers.linear import Linear, default_weight_loader
-from llminfer.ops import OpSet
+from llminfer.layers.parallel import REPLICATED, TensorSplit
 
 if TYPE_CHECKING:
-    from llminfer.quantization.config import QuantizationConfig
+    from llminfer.config import QuantizationConfig
     from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -28,17 +29,18 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 class CausalLM(nn.Module):
     packed_modules_mapping: dict[str, tuple[str, str | int]] = {}
 
-    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
+    def __init__(self, config: ModelConfig, layers: LayerFactory) -> None:
         super().__init__()
         self.config = config
-        self.ops = ops  # the implementation of every op, chosen for this model's device
+        self.ops = layers.ops  # the implementation of every op, chosen for this model's device
         self.tokenizer: Tokenizer | None = None  # attached by AutoModel.from_pretrained when the checkpoint has one
         self.quantization: QuantizationConfig | None = None  # set when the linear layers are quantized
 
-    def add_lm_head(self) -> None:
-        """The LM head over `self.model`'s hidden states, sharing the embedding matrix when the config ties them."""
-        self.lm_head = Linear(self.config.hidden_size, self.config.vocab_size, ops=self.ops)
-        if self.config.tie_word_embeddings:
+    def add_lm_head(self, layers: LayerFactory) -> None:
+        """The LM head over `self.model`'s hidden states, sharing the embedding matrix when the config ties them
+        (unless the head is quantized)."""
+        self.lm_head = layers.lm_head("lm_head", self.config.hidden_size, self.config.vocab_size)
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -46,6 +48,14 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, H] -> [N, V]
+
+    @torch.no_grad()
+    def sequence_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits at every position of one whole sequence [L, V], with no KV cache (the engine is not needed)."""
+        ids = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
+        positions = torch.arange(len(ids), device=self.device)
+        ctx = DenseAttentionBackend.context(self.ops, [len(ids)], self.device)
+        return self.compute_logits(self(ids, positions, ctx))
 
     @property
     def device(self) -> torch.device:
@@ -98,6 +108,18 @@ class CausalLM(nn.Module):
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()
 
+    def checkpoint_split(self, name: str) -> TensorSplit:
+        """The share of checkpoint tensor `name` this network holds, as the layer it loads into answers it (the
+        whole tensor on one process; norms and tensors the network does not have: replicated)."""
+        param_name, shard = self._parameter_for(name)
+        owner_name, _, suffix = param_name.rpartition(".")
+        try:
+            owner = self.get_submodule(owner_name)
+        except AttributeError:
+            return REPLICATED
+        split = getattr(owner, "tensor_split", None)
+        return split(suffix, shard) if split is not None else REPLICATED
+
     def _parameter_for(self, checkpoint_name: str) -> tuple[str, str | int | None]:
         for ckpt_part, (fused, shard) in self.packed_modules_mapping.items():
             if f".{ckpt_part}." in checkpoint_name:
@@ -111,18 +133,3 @@ class CausalLM(nn.Module):
             shards = getattr(owner, "shard_offsets", None)
             parts.extend((name, shard) for shard in shards) if shards else parts.append((name, None))
         return parts
-
-    def generate(self, input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int = 128,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor | list[list[int]]:
-        """Hugging Face-style generation: returns prompt + generated ids for each input row.
-
-        A tensor input gives a tensor back ([B, S] rows padded with the first EOS id when lengths
-        differ); lists give lists.
-        """
-        from llminfer.engine.generate import generate_token_ids
-
-        return generate_token_ids(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id)

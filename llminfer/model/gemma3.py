@@ -12,12 +12,12 @@ from torch import nn
 
 from llminfer.config import ModelConfig
 from llminfer.layers.attention import ForwardContext
+from llminfer.layers.factory import LayerFactory
 from llminfer.layers.norm import RMSNorm
 from llminfer.layers.rotary import RotaryEmbedding
 from llminfer.model.base import CausalLM
 from llminfer.model.llama import LlamaForCausalLM, LlamaMLP
 from llminfer.model.qwen3 import Qwen3Attention
-from llminfer.ops import OpSet
 
 
 class Gemma3RMSNorm(RMSNorm):
@@ -32,14 +32,15 @@ class Gemma3Attention(Qwen3Attention):
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops: OpSet) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, layers: LayerFactory,
+                 prefix: str) -> None:
         super().__init__()
-        hidden, eps = config.hidden_size, config.rms_norm_eps
+        hidden, eps, ops = config.hidden_size, config.rms_norm_eps, layers.ops
         self.input_layernorm = Gemma3RMSNorm(hidden, eps, ops)
-        self.self_attn = Gemma3Attention(config, layer_idx, rotary_emb, ops)
+        self.self_attn = Gemma3Attention(config, layer_idx, rotary_emb, layers, f"{prefix}.self_attn")
         self.post_attention_layernorm = Gemma3RMSNorm(hidden, eps, ops)
         self.pre_feedforward_layernorm = Gemma3RMSNorm(hidden, eps, ops)
-        self.mlp = LlamaMLP(config, ops)  # gate/up/down with the config's GELU
+        self.mlp = LlamaMLP(config, layers, f"{prefix}.mlp")  # gate/up/down with the config's GELU
         self.post_feedforward_layernorm = Gemma3RMSNorm(hidden, eps, ops)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
@@ -55,9 +56,10 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Model(nn.Module):
-    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
+    def __init__(self, config: ModelConfig, layers: LayerFactory, prefix: str = "model") -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        ops = layers.ops
+        self.embed_tokens = layers.embedding(f"{prefix}.embed_tokens", config.vocab_size, config.hidden_size)
         self.embed_scale = config.hidden_size ** 0.5
         head_dim, positions = config.head_dim, config.max_position_embeddings
         self.rotary_emb = RotaryEmbedding(head_dim, positions, config.rope_theta, config.rope_scaling, ops)
@@ -65,7 +67,7 @@ class Gemma3Model(nn.Module):
                                                 ops)
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, i, self.rotary_emb if config.layer_sliding_window(i) is None
-                               else self.rotary_emb_local, ops)
+                               else self.rotary_emb_local, layers, f"{prefix}.layers.{i}")
             for i in range(config.num_hidden_layers))
         self.norm = Gemma3RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
@@ -81,7 +83,7 @@ class Gemma3Model(nn.Module):
 class Gemma3ForCausalLM(CausalLM):
     packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping  # q|k|v and gate|up fused the same way
 
-    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
-        super().__init__(config, ops)
-        self.model = Gemma3Model(config, ops)
-        self.add_lm_head()
+    def __init__(self, config: ModelConfig, layers: LayerFactory) -> None:
+        super().__init__(config, layers)
+        self.model = Gemma3Model(config, layers)
+        self.add_lm_head(layers)

@@ -13,22 +13,24 @@ from torch import nn
 
 from llminfer.config import ModelConfig
 from llminfer.layers.attention import Attention, ForwardContext
-from llminfer.layers.linear import Linear, MergedLinear
+from llminfer.layers.factory import LayerFactory
 from llminfer.layers.norm import RMSNorm
 from llminfer.layers.rotary import RotaryEmbedding
 from llminfer.model.base import CausalLM
-from llminfer.ops import OpSet
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops: OpSet) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, layers: LayerFactory,
+                 prefix: str) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
-                                     bias=config.attention_bias, ops=ops)
-        self.o_proj = Linear(self.q_size, config.hidden_size, ops=ops)
+        self.qkv_proj = layers.merged_column(
+            f"{prefix}.qkv_proj", config.hidden_size,
+            {"q": (self.q_size, "heads"), "k": (self.kv_size, "kv_heads"), "v": (self.kv_size, "kv_heads")},
+            bias=config.attention_bias)
+        self.o_proj = layers.row(f"{prefix}.o_proj", self.q_size, config.hidden_size, split_by="heads")
         self.rotary_emb = [rotary_emb]  # a list, so the shared module is not registered once per layer
         scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None  # Gemma's choice
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim,
@@ -44,12 +46,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
+    def __init__(self, config: ModelConfig, layers: LayerFactory, prefix: str) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(config.hidden_size, {0: config.intermediate_size, 1: config.intermediate_size},
-                                         ops=ops)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, ops=ops)
+        width = config.intermediate_size
+        self.gate_up_proj = layers.merged_column(f"{prefix}.gate_up_proj", config.hidden_size,
+                                                 {0: (width, "intermediate"), 1: (width, "intermediate")})
+        self.down_proj = layers.row(f"{prefix}.down_proj", width, config.hidden_size, split_by="intermediate")
         # SwiGLU (Shazeer, 2020), or GeGLU with tanh GELU for the Gemma family
+        ops = layers.ops
         self.act_and_mul = ops.silu_and_mul if config.hidden_act == "silu" else ops.gelu_tanh_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,12 +66,14 @@ class LlamaDecoderLayer(nn.Module):
 
     attention_class: type[nn.Module] = LlamaAttention  # a variant's attention (Qwen3's q/k norms) plugs in here
 
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops: OpSet) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, layers: LayerFactory,
+                 prefix: str) -> None:
         super().__init__()
+        ops = layers.ops
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.self_attn = self.attention_class(config, layer_idx, rotary_emb, ops)
+        self.self_attn = self.attention_class(config, layer_idx, rotary_emb, layers, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.mlp = LlamaMLP(config, ops)
+        self.mlp = LlamaMLP(config, layers, f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +87,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, ops: OpSet, decoder_layer: type[LlamaDecoderLayer] = LlamaDecoderLayer
-                 ) -> None:
+    def __init__(self, config: ModelConfig, layers: LayerFactory, prefix: str = "model",
+                 decoder_layer: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        ops = layers.ops
+        self.embed_tokens = layers.embedding(f"{prefix}.embed_tokens", config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                           config.rope_scaling, ops)
         self.layers = nn.ModuleList(
-            decoder_layer(config, i, self.rotary_emb, ops) for i in range(config.num_hidden_layers)
+            decoder_layer(config, i, self.rotary_emb, layers, f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
@@ -111,7 +119,7 @@ class LlamaForCausalLM(CausalLM):
 
     decoder_layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
-    def __init__(self, config: ModelConfig, ops: OpSet) -> None:
-        super().__init__(config, ops)
-        self.model = LlamaModel(config, ops, self.decoder_layer_class)
-        self.add_lm_head()
+    def __init__(self, config: ModelConfig, layers: LayerFactory) -> None:
+        super().__init__(config, layers)
+        self.model = LlamaModel(config, layers, decoder_layer=self.decoder_layer_class)
+        self.add_lm_head(layers)

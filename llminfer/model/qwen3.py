@@ -5,19 +5,21 @@ import torch
 
 from llminfer.config import ModelConfig
 from llminfer.layers.attention import ForwardContext
+from llminfer.layers.factory import LayerFactory
 from llminfer.layers.norm import RMSNorm
 from llminfer.layers.rotary import RotaryEmbedding
 from llminfer.model.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
-from llminfer.ops import OpSet
 
 
 class Qwen3Attention(LlamaAttention):
     norm_class: type[RMSNorm] = RMSNorm  # Gemma 3 plugs in its (1 + weight) norm
 
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, ops: OpSet) -> None:
-        super().__init__(config, layer_idx, rotary_emb, ops)
-        self.q_norm = self.norm_class(self.head_dim, config.rms_norm_eps, ops)  # one weight [D] for every head
-        self.k_norm = self.norm_class(self.head_dim, config.rms_norm_eps, ops)
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, layers: LayerFactory,
+                 prefix: str) -> None:
+        super().__init__(config, layer_idx, rotary_emb, layers, prefix)
+        # one weight [D] for every head
+        self.q_norm = self.norm_class(self.head_dim, config.rms_norm_eps, layers.ops)
+        self.k_norm = self.norm_class(self.head_dim, config.rms_norm_eps, layers.ops)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -154,6 +154,11 @@ def resolve_ops(spec: str | Mapping[str, str] | None, device: str | torch.device
     return OpSet(chosen)
 
 
+def reference_ops(device: str | torch.device = "cpu") -> OpSet:
+    """The plain-PyTorch reference of every op that has one (what an export traces), the default elsewhere."""
+    return resolve_ops({name: "reference" for name, op in OPS.items() if "reference" in op.implementations}, device)
+
+
 def describe_ops(device: str | torch.device = "cpu", spec: str | Mapping[str, str] | None = None
                  ) -> list[dict[str, Any]]:
     """For `llminfer info --ops`: every op, its implementations, which run here and which is chosen."""

@@ -16,15 +16,15 @@ from typing import Iterator
 
 import torch
 
-from llminfer.config import DTYPES, ModelConfig
-from llminfer.errors import ConfigError, ModelFormatError
-from llminfer.files import read_json_object
+from llminfer.config import DTYPES, QUANTIZATION_MANIFEST
+from llminfer.errors import ConfigError
 from llminfer.loading.checkpoint import Checkpoint
-from llminfer.loading.hf_folder import OUR_CONFIG, HFFolderCheckpoint
+from llminfer.loading.hf_folder import HFFolderCheckpoint
+from llminfer.loading.sharded import STRATEGY, ShardedCheckpoint
+from llminfer.model.auto import build_model
+from llminfer.model.base import CausalLM
+from llminfer.ops import resolve_ops
 from llminfer.parallel.sharding import ShardPlan, check_tp_size
-from llminfer.quantization.config import MANIFEST_FILE, QuantizationConfig
-
-STRATEGY = "strategy.json"
 
 
 def shard_checkpoint(source: str, destination: str | Path, world_size: int, dtype: str | None = None,
@@ -53,7 +53,7 @@ def shard_checkpoint(source: str, destination: str | Path, world_size: int, dtyp
             write_shards(_rank_slices(checkpoint, plan, strategy, target), folder, max_shard_bytes, checkpoint.name)
         write_model_files(staging, checkpoint.config, checkpoint.tokenizer())
         if quantization is not None:  # the manifest lists the full tensors; strategy.json gives each rank's share
-            shutil.copy(checkpoint.path / MANIFEST_FILE, staging / MANIFEST_FILE)
+            shutil.copy(checkpoint.path / QUANTIZATION_MANIFEST, staging / QUANTIZATION_MANIFEST)
         (staging / STRATEGY).write_text(json.dumps({"format": "llminfer-tensor-parallel",
                                                     "tensor_parallel_size": world_size, "source": source,
                                                     "tensors": strategy}, indent=1))
@@ -66,11 +66,13 @@ def shard_checkpoint(source: str, destination: str | Path, world_size: int, dtyp
 
 def _rank_slices(checkpoint: Checkpoint, plan: ShardPlan, strategy: dict[str, dict],
                  dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """One rank's slice of every tensor, recording each split in `strategy` on the way."""
+    """One rank's slice of every tensor, recording each split in `strategy` on the way. The splits are the
+    layers' own: the rank's network is built without storage (meta device) to ask each one."""
+    network = rank_skeleton(plan)
     for name, tensor in checkpoint.named_tensors():
         if name == "lm_head.weight" and checkpoint.config.tie_word_embeddings:
             continue
-        split = plan.split(name)
+        split = network.checkpoint_split(name)
         stored_dtype = str(dtype or tensor.dtype).replace("torch.", "")
         entry = strategy.setdefault(name, {"split": "replicated" if split.axis is None else split.axis,
                                            "shape": list(tensor.shape), "dtype": stored_dtype, "ranks": []})
@@ -80,52 +82,19 @@ def _rank_slices(checkpoint: Checkpoint, plan: ShardPlan, strategy: dict[str, di
         yield name, (part.to(dtype) if dtype is not None else part).clone()
 
 
-class ShardedCheckpoint(Checkpoint):
-    """A folder written by `llminfer shard`: rank r reads rank_r/ only."""
+def rank_skeleton(plan: ShardPlan) -> CausalLM:
+    """Rank `plan.rank`'s network without storage (meta device): enough to ask each layer how it splits."""
+    return build_model(plan.rank_config, device="meta", quantization=plan.quantization, ops=resolve_ops(None, "cpu"),
+                       shard_plan=plan, collectives=_Offline())
 
-    format = "llminfer-tensor-parallel"
 
-    def __init__(self, path: Path, name: str | None = None) -> None:
-        super().__init__(name or str(path))
-        self.path = path
-        self.strategy = read_json_object(path / STRATEGY)
-        self.tensor_parallel_size = self.strategy.get("tensor_parallel_size")
-        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
-            raise ModelFormatError(f"{path / STRATEGY}: missing 'tensor_parallel_size'")
-        for rank in range(self.tensor_parallel_size):
-            if not (path / f"rank_{rank}").is_dir():
-                raise ModelFormatError(f"{path}: sharded for {self.tensor_parallel_size} ranks, "
-                                       f"rank_{rank}/ is missing")
+class _Offline:
+    """The collectives of a network that is only asked how its tensors split, never run."""
 
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(read_json_object(self.path / OUR_CONFIG), str(self.path / OUR_CONFIG))
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        raise RuntimeError("an offline sharding skeleton does not run")
 
-    def tensor_names(self) -> list[str]:
-        return list(self.strategy["tensors"])
-
-    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        raise ConfigError(f"{self.name}: sharded for {self.tensor_parallel_size} ranks; run it with "
-                          f"--tensor-parallel-size {self.tensor_parallel_size}")
-
-    def rank_tensors(self, rank: int, world_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-        if world_size != self.tensor_parallel_size:
-            raise ConfigError(f"{self.name}: sharded for {self.tensor_parallel_size} ranks, but running with "
-                              f"{world_size}; use --tensor-parallel-size {self.tensor_parallel_size} or shard the "
-                              "original checkpoint again")
-        return HFFolderCheckpoint(self.path / f"rank_{rank}").named_tensors()
-
-    def quantization_config(self) -> QuantizationConfig | None:
-        from llminfer.quantization.save import read_quantization_manifest
-
-        if not (self.path / MANIFEST_FILE).is_file():
-            return None
-        full_shapes = {name: (entry.get("dtype"), entry["shape"]) for name, entry in self.strategy["tensors"].items()}
-        return read_quantization_manifest(self.path, full_shapes)
-
-    def tokenizer(self):
-        from llminfer.tokenizer import Tokenizer
-
-        return Tokenizer.from_folder(self.path) if Tokenizer.folder_has_tokenizer(self.path) else None
+    all_gather_last = all_reduce
 
 
 def merge_shards(path: str | Path) -> dict[str, torch.Tensor]:

@@ -3,89 +3,14 @@ post-training quantizer for (PTQConfig)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from llminfer.config import DTYPES, KV_CACHE_DTYPES
+from llminfer.config import QuantizationConfig, scheme_for
 from llminfer.errors import ConfigError
+from llminfer.schemes import QUANTIZATION_SCHEMES
 
-# scheme -> (weight dtype, activation dtype at run time; None = the compute dtype)
-SCHEMES = {"a16w8": ("int8", None), "a16w4": ("int4", None), "a8w8": ("int8", "int8")}
-ALGORITHMS = ("rtn", "gptq", "smoothquant")
-MANIFEST_FILE = "quantization.json"
-
-
-def scheme_for(weight_dtype: str, act_dtype: str | None) -> str:
-    for scheme, dtypes in SCHEMES.items():
-        if dtypes == (weight_dtype, act_dtype):
-            return scheme
-    raise ConfigError(f"weight_dtype={weight_dtype!r} with act_dtype={act_dtype!r} is not a supported scheme "
-                      f"(supported: int8 weights with act_dtype None or 'int8', int4 weights with act_dtype None)")
-
-
-@dataclass(frozen=True)
-class QuantizationConfig:
-    """How a checkpoint's linear layers are quantized; the layers build themselves from it."""
-
-    scheme: str  # a16w8 | a16w4 | a8w8
-    group_size: int | None = None  # a16w4: inputs per scale/zero group
-    algorithm: str = "rtn"
-    compute_dtype: str = "bfloat16"  # activations, embeddings, norms, biases, LM head
-    kv_cache_dtype: str = "auto"  # "int8": the engine stores keys/values as int8 unless told otherwise
-    quantize_lm_head: bool = False
-    smoothing: bool = False  # a8w8: per-input-channel factors migrate activation outliers into the weights
-    calibration: dict[str, Any] | None = None  # source, sha256, tokens
-
-    def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"unknown quantization scheme '{self.scheme}' (expected one of {', '.join(SCHEMES)})")
-        if self.scheme == "a16w4":
-            if self.group_size not in (32, 64, 128):
-                raise ConfigError(f"a16w4 needs a group size of 32, 64 or 128, got {self.group_size!r}")
-        elif self.group_size is not None:
-            raise ConfigError(f"group size applies to a16w4 only; {self.scheme} is quantized per output channel")
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"unknown algorithm '{self.algorithm}' (expected one of {', '.join(ALGORITHMS)})")
-        if self.algorithm == "gptq" and self.scheme != "a16w4":
-            raise ConfigError(f"algorithm 'gptq' is implemented for a16w4, not {self.scheme}")
-        if (self.algorithm == "smoothquant") != self.smoothing or (self.smoothing and self.scheme != "a8w8"):
-            raise ConfigError("algorithm 'smoothquant' applies to a8w8 only")
-        if self.compute_dtype not in DTYPES:
-            raise ConfigError(f"compute dtype '{self.compute_dtype}' is not supported "
-                              f"(expected one of {', '.join(DTYPES)})")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"kv cache dtype '{self.kv_cache_dtype}' is not supported "
-                              f"(expected one of {', '.join(KV_CACHE_DTYPES)})")
-
-    @property
-    def weight_dtype(self) -> str:
-        return SCHEMES[self.scheme][0]
-
-    @property
-    def act_dtype(self) -> str | None:
-        return SCHEMES[self.scheme][1]
-
-    def describe(self) -> str:
-        group = f", group {self.group_size}" if self.group_size else ""
-        return f"{self.scheme} ({self.algorithm}{group})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "quantization config") -> "QuantizationConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
-        if "scheme" not in data:
-            raise ConfigError(f"{source}: missing required field 'scheme'")
-        try:
-            return cls(**data)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-
+__all__ = ["PTQConfig", "QuantizationConfig"]
 
 @dataclass(frozen=True)
 class PTQConfig:
@@ -131,7 +56,8 @@ class PTQConfig:
 
     @classmethod
     def for_scheme(cls, scheme: str, **kwargs: Any) -> "PTQConfig":
-        if scheme not in SCHEMES:
-            raise ConfigError(f"unknown quantization scheme '{scheme}' (expected one of {', '.join(SCHEMES)})")
-        weight_dtype, act_dtype = SCHEMES[scheme]
-        return cls(weight_dtype=weight_dtype, act_dtype=act_dtype, **kwargs)
+        if scheme not in QUANTIZATION_SCHEMES:
+            raise ConfigError(f"unknown quantization scheme '{scheme}' "
+                              f"(expected one of {', '.join(QUANTIZATION_SCHEMES)})")
+        return cls(weight_dtype=QUANTIZATION_SCHEMES[scheme].weight_dtype,
+                   act_dtype=QUANTIZATION_SCHEMES[scheme].act_dtype, **kwargs)

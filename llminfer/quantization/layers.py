@@ -2,7 +2,10 @@
 
 Each class stores what its checkpoint stores (`qweight`, `scales`, `zeros`, `smooth`, `bias`) and can give
 it back in the same layout (`checkpoint_tensors`), so a converted model saves and reloads bit for bit.
-They replace `Linear` / `MergedLinear` one for one; the model file does not change.
+Each class is one scheme (registered under its name in QUANTIZED_LAYERS): its layer, its packing, how its
+tensors split across tensor-parallel ranks (`tensor_split`) and how it lowers to ONNX (or why it cannot). The
+LayerFactory builds them in a projection's place when a quantized checkpoint is loaded; the model file does not
+change.
 
 Products: the ops `int8_weight_linear`, `int4_weight_linear` and `int8_int8_linear` of the layer's OpSet
 (their reference implementations call PyTorch's `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu` /
@@ -14,17 +17,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llminfer.config import DTYPES, QuantizationConfig
+from llminfer.errors import UnsupportedModelError
 from llminfer.layers.linear import Linear
+from llminfer.layers.parallel import REPLICATED, ParallelOutput, TensorSplit
 from llminfer.ops import OpSet, default_ops
 from llminfer.quantization import functional as Q
-from llminfer.quantization.config import QuantizationConfig
+from llminfer.schemes import QUANTIZATION_SCHEMES
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
-class QuantizedLinear(nn.Module):
+QUANTIZED_LAYERS: dict[str, type["QuantizedLinear"]] = {}  # scheme name -> its layer class
+
+
+class QuantizedLinear(ParallelOutput, nn.Module):
+    scheme: str  # the name it is registered under (llminfer.schemes.QUANTIZATION_SCHEMES)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        QUANTIZED_LAYERS[cls.scheme] = cls
+
     def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
                  ops: OpSet | None = None) -> None:
         super().__init__()
@@ -34,14 +49,47 @@ class QuantizedLinear(nn.Module):
         self.bias = _frozen(torch.zeros(out_features, dtype=compute_dtype)) if bias else None
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        return y + self.bias if self.bias is not None else y
+        """The product's last step: summed over ranks (row-parallel), the bias added, gathered (LM head)."""
+        return self.combine(y, bias_added=False)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, self.in_features)
 
     @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, config: QuantizationConfig,
+              ops: OpSet) -> "QuantizedLinear":
+        """A layer to be filled from a quantized checkpoint."""
+        return cls(in_features, out_features, bias, DTYPES[config.compute_dtype], ops=ops)
+
+    @classmethod
     def from_float(cls, linear: Linear, config: QuantizationConfig, **state: torch.Tensor) -> "QuantizedLinear":
         raise NotImplementedError
+
+    def _take_place_of(self, linear: Linear) -> None:
+        """Keep the float layer's role, checkpoint prefix and share of a tensor-parallel run, and its bias."""
+        self.parallel = linear.parallel
+        self.prefix, self.role = getattr(linear, "prefix", None), getattr(linear, "role", None)
+        if linear.bias is not None:
+            self.bias.data = linear.bias.detach().to(self.compute_dtype).clone()
+
+    def tensor_split(self, suffix: str, shard: str | int | None = None) -> TensorSplit:
+        """This rank's share of the checkpoint tensor `<prefix>.<suffix>`. Column-parallel and vocabulary rows:
+        every tensor holds one row per output. Row-parallel: see `input_split`."""
+        if self.parallel is None:
+            return REPLICATED
+        if self.parallel.role != "row":
+            return REPLICATED if suffix == "smooth" else self.parallel.rows()  # smooth: one factor per input
+        return REPLICATED if suffix == "bias" else self.input_split(suffix, self.parallel.columns())
+
+    def input_split(self, suffix: str, columns: TensorSplit) -> TensorSplit:
+        """A row-parallel layer's share of each tensor, given its input columns."""
+        raise NotImplementedError
+
+    def for_export(self) -> nn.Module:
+        """The layer as plain tensor operations an ONNX graph can hold (PyTorch's int kernels cannot go there)."""
+        exportable = [name for name, scheme in QUANTIZATION_SCHEMES.items() if scheme.exportable]
+        raise UnsupportedModelError(f"{self.scheme} layers cannot be exported to ONNX "
+                                    f"(exportable schemes: {', '.join(exportable)})")
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor suffix -> value, in checkpoint layout."""
@@ -53,6 +101,8 @@ class QuantizedLinear(nn.Module):
 
 class Int8WeightOnlyLinear(QuantizedLinear):
     """A16W8: y = x (q * scale)^T, int8 weights with one scale per output channel."""
+
+    scheme = "a16w8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16, ops: OpSet | None = None) -> None:
@@ -66,8 +116,14 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         q, scale = Q.quantize_int8_per_channel(linear.weight)
         layer.qweight.data = q.to(linear.weight.device)
         layer.scales.data = scale.to(layer.compute_dtype)
-        _copy_bias(layer, linear)
+        layer._take_place_of(linear)
         return layer
+
+    def input_split(self, suffix: str, columns: TensorSplit) -> TensorSplit:
+        return REPLICATED if suffix == "scales" else columns  # one scale per output channel
+
+    def for_export(self) -> nn.Module:
+        return DequantizingInt8Linear(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ops.int8_weight_linear(self._flat(x), self.qweight, self.scales)
@@ -75,7 +131,6 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scales": self.scales}
-
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
@@ -86,6 +141,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     and scales/zeros are
     folded into the kernel's [K/g, N, 2] (scale, offset) table: w = (q - 8) * scale + offset.
     """
+
+    scheme = "a16w4"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16, group_size: int = 64, ops: OpSet | None = None) -> None:
@@ -113,8 +170,17 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         layer._load_plain_qweight(layer.qweight, Q.pack_int4(q.to(device)))
         layer.scales.data, layer.zeros.data = scale.float().to(device), zero.float().to(device)
         layer.process_weights_after_loading()
-        _copy_bias(layer, linear)
+        layer._take_place_of(linear)
         return layer
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, config: QuantizationConfig,
+              ops: OpSet) -> "Int4WeightOnlyLinear":
+        return cls(in_features, out_features, bias, DTYPES[config.compute_dtype], config.group_size, ops)
+
+    def input_split(self, suffix: str, columns: TensorSplit) -> TensorSplit:
+        # levels two per byte; scales and zero points one per group of inputs (groups never straddle ranks)
+        return columns.scaled(2 if suffix == "qweight" else self.group_size)
 
     def _load_plain_qweight(self, param: nn.Parameter, packed: torch.Tensor, shard=None) -> None:
         if packed.shape != param.shape or packed.dtype != torch.uint8:
@@ -171,6 +237,8 @@ class Int8DynamicLinear(QuantizedLinear):
     """A8W8: int8 weights per output channel; activations quantized per token at run time (after division by
     the SmoothQuant factors, when present); int8 x int8 -> int32 matmul; rescaled to the compute dtype."""
 
+    scheme = "a8w8"
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16, smoothing: bool = False,
                  ops: OpSet | None = None) -> None:
@@ -191,8 +259,18 @@ class Int8DynamicLinear(QuantizedLinear):
             weight = weight * layer.smooth[None, :]  # outliers move from x into W: (x / s)(W s)^T = x W^T
         q, scale = Q.quantize_int8_per_channel(weight)
         layer.qweight.data, layer.scales.data = q, scale
-        _copy_bias(layer, linear)
+        layer._take_place_of(linear)
         return layer
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, config: QuantizationConfig,
+              ops: OpSet) -> "Int8DynamicLinear":
+        return cls(in_features, out_features, bias, DTYPES[config.compute_dtype], config.smoothing, ops)
+
+    def input_split(self, suffix: str, columns: TensorSplit) -> TensorSplit:
+        if suffix == "smooth":  # one factor per input column: the 1-D tensor splits along its only axis
+            return TensorSplit(0, columns.ranges)
+        return REPLICATED if suffix == "scales" else columns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = self._flat(x).float()
@@ -205,7 +283,7 @@ class Int8DynamicLinear(QuantizedLinear):
     def _row_absmax(self, flat: torch.Tensor) -> torch.Tensor:
         """Each token's largest activation magnitude, which sets its int8 scale (a row-parallel rank sees
         only part of the row and takes the maximum over all ranks)."""
-        return flat.abs().amax(dim=-1, keepdim=True)
+        return self.reduced_row_max(flat.abs().amax(dim=-1, keepdim=True))
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"qweight": self.qweight, "scales": self.scales}
@@ -215,25 +293,18 @@ class Int8DynamicLinear(QuantizedLinear):
 
 
 
-LAYER_CLASSES = {"a16w8": Int8WeightOnlyLinear, "a16w4": Int4WeightOnlyLinear, "a8w8": Int8DynamicLinear}
-
-
-def empty_quantized_linear(linear: Linear, config: QuantizationConfig) -> QuantizedLinear:
-    """The quantized layer that takes `linear`'s place, to be filled from a quantized checkpoint."""
-    dtype, has_bias, ops = _dtype(config), linear.bias is not None, linear.ops
-    if config.scheme == "a16w4":
-        return Int4WeightOnlyLinear(linear.in_features, linear.out_features, has_bias, dtype, config.group_size, ops)
-    if config.scheme == "a8w8":
-        return Int8DynamicLinear(linear.in_features, linear.out_features, has_bias, dtype, config.smoothing, ops)
-    return Int8WeightOnlyLinear(linear.in_features, linear.out_features, has_bias, dtype, ops)
-
-
 def _dtype(config: QuantizationConfig) -> torch.dtype:
-    from llminfer.config import DTYPES
-
     return DTYPES[config.compute_dtype]
 
 
-def _copy_bias(layer: QuantizedLinear, linear: Linear) -> None:
-    if linear.bias is not None:
-        layer.bias.data = linear.bias.detach().to(layer.compute_dtype).clone()
+class DequantizingInt8Linear(nn.Module):
+    """A16W8 in an exported graph: int8 weights and per-channel scales stay int8 in the file (a quarter of the
+    float32 bytes); the graph multiplies them back to float before the matmul."""
+
+    def __init__(self, layer: Int8WeightOnlyLinear) -> None:
+        super().__init__()
+        self.qweight, self.scales, self.bias = layer.qweight, layer.scales, layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.qweight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
+        return torch.nn.functional.linear(x, weight, self.bias)

@@ -23,7 +23,7 @@ from llminfer.quantization import functional as Q
 from llminfer.quantization.apply import cast_float_parts, replace_module, target_linears
 from llminfer.quantization.calibration import CalibrationData, calibration_data
 from llminfer.quantization.config import PTQConfig, QuantizationConfig
-from llminfer.quantization.layers import LAYER_CLASSES
+from llminfer.quantization.layers import QUANTIZED_LAYERS
 
 Calibration = str | Sequence[str] | Sequence[Sequence[int]] | None
 
@@ -54,7 +54,7 @@ class PostTrainingQuantizer:
             raise ConfigError(f"{type(self).__name__} ({self.config.algorithm}) needs apply(model, calibration=...) "
                               "before convert()")
         qconfig = self.config.quantization_config(self.calibration.describe() if self.calibration else None)
-        layer_class = LAYER_CLASSES[qconfig.scheme]
+        layer_class = QUANTIZED_LAYERS[qconfig.scheme]
         targets = target_linears(model, qconfig)
         for name, linear in targets:
             if qconfig.scheme == "a16w4":
@@ -73,16 +73,13 @@ class PostTrainingQuantizer:
 
     def _calibrate(self, model: nn.Module) -> None:
         """Run the float model over the calibration windows with a hook on every target layer's input."""
-        from llminfer.perplexity import window_logits
-
         qconfig = self.config.quantization_config()
         hooks = [module.register_forward_hook(self._recorder(name))
                  for name, module in target_linears(model, qconfig)]
         try:
             windows = self.calibration.windows
-            for _ in tqdm(window_logits(model, windows), total=len(windows), desc="calibrating", unit="win",
-                          file=sys.stderr, disable=None):
-                pass
+            for window in tqdm(windows, desc="calibrating", unit="win", file=sys.stderr, disable=None):
+                model.sequence_logits(window)  # one whole-window pass, no KV cache: the hooks see every input
         finally:
             for hook in hooks:
                 hook.remove()
@@ -183,51 +180,3 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp
 
 def quantizer_for(config: PTQConfig) -> PostTrainingQuantizer:
     return GPTQ(config) if config.algorithm == "gptq" else RTN(config)
-
-
-def quantize_checkpoint(source: str, destination: str, scheme: str, group_size: int | None = None,
-                        algorithm: str = "rtn", calibration_file: str | None = None, kv_cache_dtype: str | None = None,
-                        compute_dtype: str = "bfloat16", calibration_tokens: int = 16384,
-                        smoothquant_alpha: float = 0.5, overwrite: bool = False) -> str:
-    """`llminfer quantize`: load a float checkpoint, quantize it, save it. Validates everything before the
-    (slow) load, and writes nothing unless it all succeeds."""
-    from pathlib import Path
-
-    from llminfer.loading import open_checkpoint
-    from llminfer.loading.convert import check_destination
-    from llminfer.model.auto import load_model
-    from llminfer.perplexity import read_text_file
-    from llminfer.quantization.save import save_quantized
-
-    if scheme == "a16w4" and group_size is None:
-        raise ConfigError("--scheme a16w4 needs --group-size (32, 64 or 128)")
-    config = PTQConfig.for_scheme(scheme, group_size=group_size, algorithm=algorithm, kv_dtype=kv_cache_dtype,
-                                  compute_dtype=compute_dtype, calibration_tokens=calibration_tokens,
-                                  smoothquant_alpha=smoothquant_alpha)
-    quantizer = quantizer_for(config)
-    if calibration_file is not None and not quantizer.needs_calibration:
-        raise ConfigError(f"--calibration is used by gptq and smoothquant, not by {algorithm}")
-    text = read_text_file(calibration_file, "calibration file") if calibration_file is not None else None
-    check_destination(Path(destination), overwrite)  # before the slow load, not only when writing
-    checkpoint = open_checkpoint(source)
-    if checkpoint.quantization_config() is not None:
-        raise ConfigError(f"{source}: already quantized ({checkpoint.quantization_config().describe()}); "
-                          "quantize the float checkpoint")
-    for name, width in (("hidden_size", checkpoint.config.hidden_size),
-                        ("intermediate_size", checkpoint.config.intermediate_size)):
-        if group_size is not None and width % group_size:
-            valid = ", ".join(str(g) for g in (32, 64, 128) if _divides_all(checkpoint, g))
-            raise ConfigError(f"{source}: group size {group_size} does not divide {name} = {width} "
-                              f"(valid here: {valid})")
-    print(f"llminfer: loading {source} ...", file=sys.stderr, flush=True)
-    model = load_model(checkpoint, "float32")
-    quantizer.apply(model, calibration=text, calibration_source=calibration_file)
-    quantizer.convert(model)
-    save_quantized(model, destination, overwrite=overwrite, source=source)
-    return destination
-
-
-def _divides_all(checkpoint, group_size: int) -> bool:
-    config = checkpoint.config
-    return not (config.hidden_size % group_size or config.intermediate_size % group_size
-                or (config.num_attention_heads * config.head_dim) % group_size)

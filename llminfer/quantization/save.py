@@ -14,9 +14,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from llminfer.errors import ConfigError, ModelFormatError
+from llminfer.config import QUANTIZATION_MANIFEST, QuantizationConfig
+from llminfer.errors import ConfigError
 from llminfer.loading.convert import staged_folder, write_manifest, write_model_files, write_shards
-from llminfer.quantization.config import MANIFEST_FILE, QuantizationConfig
 from llminfer.quantization.layers import QuantizedLinear
 
 
@@ -78,7 +78,7 @@ def save_quantized(model: nn.Module, path: str | Path, overwrite: bool = False,
             "kept_in_compute_dtype": sorted(name for name in weight_map if name not in quantized),
             "weight_memory": weight_memory(model),
         }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        (staging / QUANTIZATION_MANIFEST).write_text(json.dumps(manifest, indent=2))
         write_manifest(staging, {"source": source or "in-memory model", "dtype": qconfig.compute_dtype,
                                  "quantization": qconfig.describe(), "num_tensors": len(weight_map)})
     return destination
@@ -90,31 +90,3 @@ def _is_quantized_name(model: nn.Module, tensor_name: str) -> bool:
         return isinstance(model.get_submodule(module_name), QuantizedLinear) and suffix != "bias"
     except AttributeError:
         return False
-
-
-def read_quantization_manifest(folder: Path, tensor_shapes: dict[str, tuple[str, list[int]]]
-                               ) -> QuantizationConfig:
-    """Parse quantization.json and check it against the tensors actually in the folder."""
-    file = folder / MANIFEST_FILE
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("quantization"), dict):
-        raise ModelFormatError(f"{file}: missing the 'quantization' object")
-    config = QuantizationConfig.from_dict(manifest["quantization"], str(file))
-    listed = manifest.get("quantized_tensors")
-    if not isinstance(listed, dict) or not listed:
-        raise ModelFormatError(f"{file}: missing the 'quantized_tensors' listing")
-    for name, entry in listed.items():
-        if name not in tensor_shapes:
-            raise ModelFormatError(f"{file}: lists tensor '{name}', which is not in the weight files")
-        dtype, shape = tensor_shapes[name]
-        if [dtype, list(shape)] != [entry.get("dtype"), entry.get("shape")]:
-            raise ModelFormatError(f"{file}: tensor '{name}' is {dtype} {list(shape)} in the weight files, "
-                                   f"the manifest says {entry.get('dtype')} {entry.get('shape')}")
-    unlisted = [n for n in tensor_shapes if n.endswith((".qweight", ".scales", ".zeros", ".smooth"))
-                and n not in listed]
-    if unlisted:
-        raise ModelFormatError(f"{file}: tensor '{unlisted[0]}' is in the weight files but not in the manifest")
-    return config

@@ -33,16 +33,6 @@ class Tokenizer:
 
     # --- construction -------------------------------------------------------------------------
 
-    @classmethod
-    def from_pretrained(cls, model: str | Path) -> "Tokenizer":
-        """The tokenizer of any model llminfer can open: alias, folder, GGUF file or hub id."""
-        from llminfer.loading import open_checkpoint
-
-        tokenizer = open_checkpoint(str(model)).tokenizer()
-        if tokenizer is None:
-            raise TokenizerError(f"{model}: no tokenizer.json, tokenizer.model or GGUF vocabulary found")
-        return tokenizer
-
     @staticmethod
     def folder_has_tokenizer(folder: Path) -> bool:
         return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from llminfer.engine.model_runner import ModelRunner, StepInputs
-from llminfer.parallel.layers import communication
+from llminfer.parallel.communication import communication
 
 logger = logging.getLogger(__name__)
 

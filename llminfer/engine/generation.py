@@ -1,4 +1,8 @@
-"""Hugging Face-style `model.generate(input_ids, ...)` on top of the engine."""
+"""Hugging Face-style generation on top of the engine: `generate(model, input_ids, max_new_tokens=32, ...)`.
+
+A function of the engine rather than a method of the network: the model package sits below the engine and
+never imports it.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,15 @@ if TYPE_CHECKING:
     from llminfer.model.base import CausalLM
 
 
-def generate_token_ids(model: "CausalLM", input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]], *,
-                       max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                       min_p: float, repetition_penalty: float, seed: int | None,
-                       eos_token_id: int | Sequence[int] | None) -> torch.Tensor | list[list[int]]:
+def generate(model: "CausalLM", input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+             max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor | list[list[int]]:
+    """Prompt + generated ids for each input row (greedy unless do_sample).
+
+    A tensor input gives a tensor back ([B, S] rows padded with the first EOS id when lengths differ); lists
+    give lists.
+    """
     as_tensor = isinstance(input_ids, torch.Tensor)
     rows = input_ids.tolist() if as_tensor else list(input_ids)
     if rows and isinstance(rows[0], int):

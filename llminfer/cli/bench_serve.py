@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 
-from llminfer.bench import _log, synthetic_prompts
+from llminfer.cli.bench import _log, synthetic_prompts
 from llminfer.errors import LLMInferError
 
 

@@ -290,7 +290,7 @@ def throughput_command(args: argparse.Namespace) -> int:
         "preemptions": engine.scheduler.num_preemptions,
     }
     if llm.tensor_parallel_size > 1:
-        from llminfer.parallel.layers import communication
+        from llminfer.parallel.communication import communication
 
         report.update(tensor_parallel_size=llm.tensor_parallel_size,
                       communication_ms_per_step=communication.seconds / max(steps, 1) * 1e3,

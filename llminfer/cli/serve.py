@@ -48,7 +48,7 @@ class DrainingServer(uvicorn.Server):
 def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="llminfer: %(message)s",
                         force=True)
-    from llminfer.parallel.runtime import distributed_env
+    from llminfer.engine.distributed import distributed_env
 
     if distributed_env()[0] > 0:  # a tensor-parallel follower: no HTTP, it runs rank 0's steps until told to stop
         from llminfer.cli.main import model_options
