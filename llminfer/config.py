@@ -221,6 +221,7 @@ class EngineConfig:
     quantization: str | None = None  # a scheme to quantize a float checkpoint with at load (round-to-nearest)
     ops: Mapping[str, str] = field(default_factory=dict)  # op -> implementation; others: the device's best
     scheduling_policy: str = "fcfs"  # the waiting queue's order (engine.scheduler.QUEUE_POLICIES)
+    attention_backend: str = "paged"  # who owns the KV cache and calls the attention ops (ATTENTION_BACKENDS)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
@@ -242,8 +243,9 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype '{self.kv_cache_dtype}' is not supported "
                               f"(expected one of {', '.join(KV_CACHE_DTYPES)})")
-        if self.quantization not in (None, "a16w8", "a16w4", "a8w8"):
-            raise ConfigError(f"quantization '{self.quantization}' is not supported (expected a16w8, a16w4 or a8w8)")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_SCHEMES:
+            raise ConfigError(f"quantization '{self.quantization}' is not supported "
+                              f"(expected one of {', '.join(QUANTIZATION_SCHEMES)})")
 
     def kv_cache_bytes(self) -> int:
         """The KV pool's byte budget: as given, or a share of the device's free memory."""

@@ -226,3 +226,29 @@ def test_a_scheduling_policy_is_one_queue_class(tiny_model, monkeypatch):
     assert first.status.value == "waiting"
     with pytest.raises(ConfigError, match=r"scheduling policy 'lottery' is not supported \(supported: fcfs"):
         LLMEngine(tiny_model, None, EngineConfig(scheduling_policy="lottery"))
+
+
+def test_the_attention_backend_is_chosen_by_configuration(tiny_model, monkeypatch):
+    """A backend registered by name is what the runner attends through; an unknown name is refused by name."""
+    from llminfer import kv_cache
+    from llminfer.errors import ConfigError
+
+    calls = []
+
+    class CountingBackend(kv_cache.PagedAttentionBackend):
+        def forward(self, layer, q, k, v, metadata):
+            calls.append(layer.layer_idx)
+            return super().forward(layer, q, k, v, metadata)
+
+    monkeypatch.setitem(kv_cache.ATTENTION_BACKENDS, "counting", CountingBackend)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    expected = LLMEngine(tiny_model, None, EngineConfig(block_size=4))
+    counted = LLMEngine(tiny_model, None, EngineConfig(block_size=4, attention_backend="counting"))
+    requests = [engine.add_request([1, 2, 3, 4, 5], params) for engine in (expected, counted)]
+    for engine in (expected, counted):
+        engine.run_to_completion()
+    assert requests[0].all_token_ids == requests[1].all_token_ids
+    assert isinstance(counted.runner.backend, CountingBackend)
+    assert len(calls) == 3 * tiny_model.config.num_hidden_layers  # one prefill and two decode steps
+    with pytest.raises(ConfigError, match=r"attention backend 'flash9' is not available \(expected one of paged"):
+        LLMEngine(tiny_model, None, EngineConfig(attention_backend="flash9"))

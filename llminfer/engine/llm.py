@@ -144,13 +144,13 @@ def _serve_rank(model, config: EngineConfig) -> None:
     from llminfer.engine.distributed import follow, leave_process_group, share_cache_shape
     from llminfer.engine.llm_engine import resolve_kv_cache_dtype
     from llminfer.engine.model_runner import ModelRunner
-    from llminfer.kv_cache import PagedAttentionBackend, PagedKVCache
+    from llminfer.kv_cache import PagedKVCache, attention_backend
 
     cfg = model.config
     num_blocks = share_cache_shape(None)
     cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads, cfg.head_dim,
                          model.dtype, model.device, resolve_kv_cache_dtype(config, model))
-    follow(ModelRunner(model, cache, PagedAttentionBackend(cache, model.ops)))
+    follow(ModelRunner(model, cache, attention_backend(config.attention_backend, cache, model.ops)))
     leave_process_group()
     # Skip interpreter teardown: gloo's and the thread pools' static destructors have aborted a follower that
     # had finished cleanly. Nothing of this rank's is left to flush but its streams.

@@ -17,7 +17,7 @@ from llminfer.engine.request import Request
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.engine.scheduler import Scheduler
 from llminfer.errors import ConfigError, InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
-from llminfer.kv_cache import KVCacheManager, KVCacheStats, PagedAttentionBackend, PagedKVCache
+from llminfer.kv_cache import KVCacheManager, KVCacheStats, PagedKVCache, attention_backend
 from llminfer.model.base import CausalLM
 from llminfer.tokenizer import IncrementalDetokenizer, Tokenizer
 from llminfer.tokenizer.text_stream import TextStream
@@ -45,7 +45,8 @@ class LLMEngine:
                                  config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    self._fork_sample, config.scheduling_policy)
-        self.runner = ModelRunner(model, self.cache, PagedAttentionBackend(self.cache, model.ops))
+        backend = attention_backend(config.attention_backend, self.cache, model.ops)
+        self.runner = ModelRunner(model, self.cache, backend)
         self._groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
 
