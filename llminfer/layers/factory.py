@@ -57,6 +57,12 @@ class LayerFactory:
         """Input columns split across ranks: partial products are summed over them."""
         return self._projection(prefix, "row", in_features, {None: (out_features, split_by)}, bias)
 
+    def replicated(self, prefix: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        """Every rank holds the whole projection (small ones not worth splitting); never quantized."""
+        layer = Linear(in_features, out_features, bias, self.ops)
+        layer.prefix, layer.role = prefix, "replicated"
+        return layer
+
     def embedding(self, prefix: str, vocab_size: int, hidden_size: int) -> nn.Module:
         if self.plan is None:
             layer = Embedding(vocab_size, hidden_size)
