@@ -165,14 +165,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in data]
-        if missing:
-            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        _check_fields(cls, data, source)
         data = dict(data)
         data["eos_token_id"] = tuple(data.get("eos_token_id") or ())
         if data.get("layer_types") is not None:
@@ -397,12 +390,7 @@ class QuantizationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "quantization config") -> "QuantizationConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
-        if "scheme" not in data:
-            raise ConfigError(f"{source}: missing required field 'scheme'")
+        _check_fields(cls, data, source)
         try:
             return cls(**data)
         except ConfigError as exc:
@@ -414,3 +402,15 @@ class QuantizationConfig:
 def _one_of(values) -> str:
     values = [str(v) for v in values]
     return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def _check_fields(cls: type, data: Mapping[str, Any], source: str) -> None:
+    """A config dict names only the dataclass's fields, and every required one."""
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(data) - {f.name for f in fields})
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+    missing = [f.name for f in fields
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if missing:
+        raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")

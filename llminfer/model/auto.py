@@ -17,6 +17,7 @@ from llminfer.loading.checkpoint import Checkpoint
 from llminfer.model.base import CausalLM
 from llminfer.ops import OpSet, resolve_ops
 from llminfer.quantization.methods import QuantizationMethod
+from llminfer.schemes import QUANTIZATION_SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,8 @@ def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
     if stored is None and quantization:
         from llminfer.quantization import RTN, PTQConfig
 
-        group_size = ON_THE_FLY_GROUP_SIZE if quantization == "a16w4" else None
-        RTN(PTQConfig.for_scheme(quantization, group_size=group_size, compute_dtype=dtype)).convert(network)
+        RTN(PTQConfig.for_scheme(quantization, group_size=on_the_fly_group_size(quantization),
+                                 compute_dtype=dtype)).convert(network)
     network.tokenizer = checkpoint.tokenizer()
     return network
 
@@ -120,7 +121,10 @@ def rank_tensors(checkpoint: Checkpoint, network: CausalLM, shard_plan: TensorPa
     return ((name, network.checkpoint_split(name).take(tensor)) for name, tensor in checkpoint.named_tensors())
 
 
-ON_THE_FLY_GROUP_SIZE = 32  # a16w4 quantized at load; other group sizes through `llminfer quantize`
+def on_the_fly_group_size(scheme: str) -> int | None:
+    """A grouped scheme quantized at load uses its finest group (a16w4: 32); others through `llminfer quantize`."""
+    sizes = QUANTIZATION_SCHEMES[scheme].group_sizes
+    return min(sizes) if sizes else None
 
 
 def load_time_quantization(checkpoint: Checkpoint, scheme: str | None) -> QuantizationConfig | None:
@@ -128,7 +132,7 @@ def load_time_quantization(checkpoint: Checkpoint, scheme: str | None) -> Quanti
     stored = checkpoint.quantization_config()
     if stored is not None or not scheme:
         return stored
-    return QuantizationConfig(scheme, group_size=ON_THE_FLY_GROUP_SIZE if scheme == "a16w4" else None)
+    return QuantizationConfig(scheme, group_size=on_the_fly_group_size(scheme))
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -8,7 +8,7 @@ from typing import Any
 
 from llminfer.config import QuantizationConfig, scheme_for
 from llminfer.errors import ConfigError
-from llminfer.schemes import QUANTIZATION_SCHEMES
+from llminfer.schemes import KV_CACHE_DTYPES, QUANTIZATION_SCHEMES
 
 __all__ = ["PTQConfig", "QuantizationConfig"]
 
@@ -38,8 +38,9 @@ class PTQConfig:
             raise ConfigError(f"PTQConfig mode '{self.mode}' is not supported (expected 'quantize')")
         if self.weight_dtype not in ("int8", "int4"):
             raise ConfigError(f"weight_dtype '{self.weight_dtype}' is not supported (expected 'int8' or 'int4')")
-        if self.kv_dtype not in (None, "int8"):
-            raise ConfigError(f"kv_dtype '{self.kv_dtype}' is not supported (expected None or 'int8')")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_CACHE_DTYPES[1:]:  # [0] is "auto"
+            quantized = " or ".join(repr(d) for d in KV_CACHE_DTYPES[1:])
+            raise ConfigError(f"kv_dtype '{self.kv_dtype}' is not supported (expected None or {quantized})")
         if not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise ConfigError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         self.quantization_config()  # validates the combination

@@ -57,7 +57,7 @@ class PostTrainingQuantizer:
         layer_class = QUANTIZED_LAYERS[qconfig.scheme]
         targets = target_linears(model, qconfig)
         for name, linear in targets:
-            if qconfig.scheme == "a16w4":
+            if qconfig.group_size:
                 Q.check_group_size(linear.in_features, qconfig.group_size, name)
         for name, linear in tqdm(targets, desc="quantizing", unit="layer", file=sys.stderr, disable=None):
             with torch.no_grad():
