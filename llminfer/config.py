@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,10 +216,13 @@ class EngineConfig:
     ops: Mapping[str, str] = field(default_factory=dict)  # op -> implementation; others: the device's best
     scheduling_policy: str = "fcfs"  # the waiting queue's order (engine.scheduler.QUEUE_POLICIES)
     attention_backend: str = "paged"  # who owns the KV cache and calls the attention ops (ATTENTION_BACKENDS)
+    threads: int | None = None  # CPU threads of this run (split among local ranks); None: the cores we may use
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ConfigError(f"dtype '{self.dtype}' is not supported (expected auto or one of {', '.join(DTYPES)})")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be an integer >= 1, got {self.threads!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
@@ -239,6 +243,13 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_SCHEMES:
             raise ConfigError(f"quantization '{self.quantization}' is not supported "
                               f"(expected one of {', '.join(QUANTIZATION_SCHEMES)})")
+
+    def cpu_threads(self, local_processes: int = 1) -> int:
+        """Threads for one of `local_processes` processes sharing this machine: `threads` (or every core this
+        process may run on, as `os.sched_getaffinity` reports: a container or `taskset` may allow fewer than the
+        machine has) divided among them."""
+        available = self.threads or available_cores()
+        return max(1, available // local_processes)
 
     def kv_cache_bytes(self) -> int:
         """The KV pool's byte budget: as given, or a share of the device's free memory."""
@@ -414,3 +425,11 @@ def _check_fields(cls: type, data: Mapping[str, Any], source: str) -> None:
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
     if missing:
         raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1

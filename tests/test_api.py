@@ -205,6 +205,19 @@ def test_unavailable_device_is_a_config_error():
             EngineConfig(device="cuda")
 
 
+def test_threads_default_to_the_cores_this_process_may_use_and_are_split_among_local_ranks():
+    import os
+
+    from llminfer import EngineConfig
+
+    allowed = len(os.sched_getaffinity(0))
+    assert EngineConfig().cpu_threads() == allowed
+    assert EngineConfig(threads=6).cpu_threads(local_processes=2) == 3
+    assert EngineConfig(threads=1).cpu_threads(local_processes=4) == 1
+    with pytest.raises(ConfigError, match="threads must be an integer >= 1, got 0"):
+        EngineConfig(threads=0)
+
+
 def test_sharded_hf_folder_loads_like_the_single_file(tmp_path):
     from conftest import make_hf_model
 

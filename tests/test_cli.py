@@ -129,6 +129,14 @@ def test_bench_latency_reports_both_engines_as_json(tiny_llama_folder):
     assert set(report["ratio_vs_transformers"]) == {"prefill", "decode", "ttft"}
 
 
+def test_threads_reach_torch_and_the_bench_report(tiny_llama_folder):
+    result = run_cli("bench", "latency", "--model", str(tiny_llama_folder), "--input-len", "8", "--output-len", "2",
+                     "--iters", "1", "--threads", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["threads"] == 1
+    assert_one_line_error(run_cli("generate", "--threads", "0", "hi"), "--threads", "0")
+
+
 def test_bench_throughput_reports_kv_use_and_prefix_hits(tiny_llama_folder):
     result = run_cli("bench", "throughput", "--model", str(tiny_llama_folder), "--num-prompts", "6", "--input-len",
                      "8", "--prefix-len", "32", "--output-len", "4", "--kv-cache-memory", "1MiB", "--compare", "hf",

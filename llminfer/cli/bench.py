@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from llminfer.cli.main import model_options
+from llminfer.config import available_cores
 
 
 def _log(message: str) -> None:
@@ -171,7 +172,7 @@ def latency_command(args: argparse.Namespace) -> int:
     from llminfer.engine import LLM
 
     log = _log
-    log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
+    log(f"loading {args.model} ({args.dtype}, {args.device}, {args.threads or available_cores()} threads)")
     llm = LLM(args.model, **model_options(args), max_num_seqs=args.batch_size)
     dtype = llm.config.dtype  # "auto" resolved
     generator = torch.Generator().manual_seed(0)
@@ -247,7 +248,7 @@ def throughput_command(args: argparse.Namespace) -> int:
     from llminfer.engine import LLM, SamplingParams
 
     log = _log
-    log(f"loading {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads)")
+    log(f"loading {args.model} ({args.dtype}, {args.device}, {args.threads or available_cores()} threads)")
     llm = LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching)
     dtype = llm.config.dtype  # "auto" resolved

@@ -210,6 +210,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", metavar="OP=IMPL,...",
                         help="op implementations, e.g. rms_norm=reference,paged_decode_attention=batched "
                              "(default: the best available on the device; see `llminfer info --ops`)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="CPU threads (default: the cores this process may run on; split among "
+                             "tensor-parallel ranks)")
     parser.add_argument("--tensor-parallel-size", "--tp", type=positive_int, default=1,
                         help="run as N processes that each hold 1/N of the weights and KV cache (started here; "
                              "or start them with torchrun --nproc-per-node N -m llminfer ...)")
@@ -223,7 +226,7 @@ def model_options(args: argparse.Namespace) -> dict:
     return {"dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
             "kv_cache_memory": args.kv_cache_memory, "kv_cache_dtype": args.kv_cache_dtype,
             "quantization": args.quantization, "tensor_parallel_size": max(args.tensor_parallel_size, world),
-            "ops": parse_ops_spec(args.ops)}
+            "ops": parse_ops_spec(args.ops), "threads": args.threads}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

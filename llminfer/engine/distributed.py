@@ -35,9 +35,6 @@ def init_distributed(device: str) -> tuple[int, int]:
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        else:  # N processes on one machine share its cores; oversubscribed threads only fight each other
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
         logger.info("rank %d of %d joined the %s process group", rank, world, backend)
     return rank, world

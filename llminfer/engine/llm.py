@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
+import torch
+
 from llminfer.config import EngineConfig
 from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.outputs import RequestOutput
@@ -34,23 +36,26 @@ class LLM:
                  kv_cache_memory: int | float | str | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
                  quantization: str | None = None, tensor_parallel_size: int = 1,
-                 ops: str | dict[str, str] | None = None) -> None:
+                 ops: str | dict[str, str] | None = None, threads: int | None = None) -> None:
         """dtype 'auto': float32, or bfloat16 for a quantized model. kv_cache_dtype 'int8' stores keys and values
         as int8. quantization (a16w8 | a16w4 | a8w8) quantizes a float checkpoint at load time.
         tensor_parallel_size N: this process is one of N ranks started by `llminfer ... --tensor-parallel-size N`
         or torchrun; ranks other than 0 serve rank 0's steps inside this constructor and then exit.
         ops: which implementation each op uses, 'rms_norm=reference,paged_decode_attention=batched' or a dict
-        (default: the best available on the device; `llminfer info --ops` lists them)."""
+        (default: the best available on the device; `llminfer info --ops` lists them). threads: CPU threads
+        (default: the cores this process may run on; split among tensor-parallel ranks on one machine); torch's
+        thread count is process-wide, so this sets it for the process."""
         self.config = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                                    kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-                                   ops=parse_ops_spec(ops))
+                                   ops=parse_ops_spec(ops), threads=threads)
         checkpoint = open_checkpoint(model)
         self.model_name = model
         self.checkpoint_format = checkpoint.format
         self.model_config = checkpoint.config
         rank, world = _parallel_rank(tensor_parallel_size, device)
+        torch.set_num_threads(self.config.cpu_threads(_local_processes(world)))
         self.tensor_parallel_size = world
         plan = collectives = None
         if world > 1:
@@ -125,6 +130,11 @@ class LLM:
     def kv_cache_stats(self) -> KVCacheStats:
         """Blocks total / free / in use (and the peak), prefix-cache hit and queried tokens."""
         return self.engine.kv_cache_stats()
+
+
+def _local_processes(world: int) -> int:
+    """How many ranks of this run share this machine's cores."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else 1
 
 
 def _parallel_rank(tensor_parallel_size: int, device: str) -> tuple[int, int]:
