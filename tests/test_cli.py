@@ -137,6 +137,18 @@ def test_threads_reach_torch_and_the_bench_report(tiny_llama_folder):
     assert_one_line_error(run_cli("generate", "--threads", "0", "hi"), "--threads", "0")
 
 
+def test_compare_llama_cpp_refuses_before_loading_what_it_cannot_run(tiny_llama_folder, smollm2_gguf):
+    """llama.cpp runs GGUF files only; without llama-cpp-python (not in the test install) it says how to get it."""
+    import importlib.util
+
+    assert_one_line_error(run_cli("bench", "latency", "--model", str(tiny_llama_folder), "--compare", "llama.cpp"),
+                          "--compare llama.cpp runs a GGUF file", "safetensors")
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed here")
+    assert_one_line_error(run_cli("bench", "latency", "--model", str(smollm2_gguf), "--compare", "llama.cpp"),
+                          "needs llama-cpp-python", "pip install -e '.[bench]'")
+
+
 def test_bench_throughput_reports_kv_use_and_prefix_hits(tiny_llama_folder):
     result = run_cli("bench", "throughput", "--model", str(tiny_llama_folder), "--num-prompts", "6", "--input-len",
                      "8", "--prefix-len", "32", "--output-len", "4", "--kv-cache-memory", "1MiB", "--compare", "hf",

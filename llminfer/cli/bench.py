@@ -1,6 +1,7 @@
 """Benchmarks. Both engines get the same random prompt ids, greedy decoding and no early stop; with
-`--compare hf`, Hugging Face transformers runs the same weights in the same process, so the ratio
-is measured under identical conditions.
+`--compare hf`, Hugging Face transformers runs the same weights in the same process, and with `--compare
+llama.cpp` llama.cpp runs the same GGUF with the same thread count in a child process, so the ratio is measured
+under identical conditions.
 
 `llminfer bench latency`: prefill tokens/s, decode tokens/s and time to first token of one batch
 (median of --iters runs).
@@ -149,6 +150,29 @@ def measure_transformers(model_path: str, dtype: str, device: str, prompts: list
     return _median_result("transformers", runs, ids.numel(), output_len * len(prompts))
 
 
+def measure_llama_cpp(model: str, prompts: list[list[int]], output_len: int, iters: int,
+                      log: Callable[[str], None]) -> LatencyResult:
+    """llama.cpp on the model's GGUF file, with this process's thread count (see cli/llama_cpp_peer.py)."""
+    from llminfer.cli import llama_cpp_peer
+
+    runs, _ = llama_cpp_peer.measure(gguf_file_of(model), prompts, output_len, iters, torch.get_num_threads(), log)
+    for i, (ttft, decode) in enumerate(runs):
+        log(f"llama.cpp run {i + 1}/{iters}: ttft {ttft * 1e3:.0f} ms, decode {decode:.2f} s")
+    return _median_result("llama.cpp", runs, sum(map(len, prompts)), output_len * len(prompts))
+
+
+def gguf_file_of(model: str) -> str:
+    """The GGUF file llama.cpp can run for `model`, or a one-line refusal before anything is measured."""
+    from llminfer.errors import ConfigError
+    from llminfer.loading import open_checkpoint
+
+    checkpoint = open_checkpoint(model)
+    if checkpoint.format != "gguf":
+        raise ConfigError(f"--compare llama.cpp runs a GGUF file; {model} is a {checkpoint.format} checkpoint "
+                          "(give the .gguf it came from, or an alias such as smollm2-135m)")
+    return str(checkpoint.path)
+
+
 def load_transformers_model(model: str, dtype: str, device: str):
     """The same checkpoint in Hugging Face transformers (test/bench peer only)."""
     try:
@@ -173,6 +197,11 @@ def latency_command(args: argparse.Namespace) -> int:
 
     log = _log
     log(f"loading {args.model} ({args.dtype}, {args.device}, {args.threads or available_cores()} threads)")
+    if args.compare == "llama.cpp":  # refused before the load if it cannot run
+        from llminfer.cli.llama_cpp_peer import check_available
+
+        gguf_file_of(args.model)
+        check_available()
     llm = LLM(args.model, **model_options(args), max_num_seqs=args.batch_size)
     dtype = llm.config.dtype  # "auto" resolved
     generator = torch.Generator().manual_seed(0)
@@ -189,6 +218,8 @@ def latency_command(args: argparse.Namespace) -> int:
         llm = LLM(other, **{**model_options(args), "dtype": "auto", "quantization": None},
                   max_num_seqs=args.batch_size)
         results.append(measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=_label(llm, other)))
+    if args.compare == "llama.cpp":
+        results.append(measure_llama_cpp(args.model, prompts, args.output_len, args.iters, log))
     if args.compare == "hf":
         del llm
         results.append(measure_transformers(args.model, dtype, args.device, prompts, args.output_len,
@@ -203,6 +234,13 @@ def latency_command(args: argparse.Namespace) -> int:
         report["ratio_vs_first"] = {r.engine: {"prefill": r.prefill_tokens_per_s / base.prefill_tokens_per_s,
                                                "decode": r.decode_tokens_per_s / base.decode_tokens_per_s}
                                     for r in results[1:len(args.compare_with) + 1]}
+    if args.compare == "llama.cpp":
+        ours, peer = results[0], results[-1]
+        report["ratio_vs_llama_cpp"] = {
+            "prefill": ours.prefill_tokens_per_s / peer.prefill_tokens_per_s,
+            "decode": ours.decode_tokens_per_s / peer.decode_tokens_per_s,
+            "ttft": peer.ttft_ms / ours.ttft_ms,
+        }
     if args.compare == "hf":
         ours, peer = results[0], results[-1]
         report["ratio_vs_transformers"] = {
@@ -220,10 +258,11 @@ def latency_command(args: argparse.Namespace) -> int:
                            ("TTFT ms", "ttft_ms", ".1f")])
     for label, ratio in report.get("ratio_vs_first", {}).items():
         print(f"{label} / {results[0].engine}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
-    if "ratio_vs_transformers" in report:
-        ratio = report["ratio_vs_transformers"]
-        print(f"llminfer / transformers: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x, "
-              f"TTFT {ratio['ttft']:.2f}x faster")
+    for key, peer in (("ratio_vs_transformers", "transformers"), ("ratio_vs_llama_cpp", "llama.cpp")):
+        if key in report:
+            ratio = report[key]
+            print(f"llminfer / {peer}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x, "
+                  f"TTFT {ratio['ttft']:.2f}x faster")
     return 0
 
 

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="llminfer: %(message)s")
     parallel = getattr(args, "tensor_parallel_size", 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if parallel and (getattr(args, "compare_with", None) or getattr(args, "compare", None) == "hf"):
-        parser.error("--compare-with / --compare hf measure several models in one process: run each model with "
+    if parallel and (getattr(args, "compare_with", None) or getattr(args, "compare", None)):
+        parser.error("--compare-with / --compare measure several engines in one run: run each model with "
                      "--tensor-parallel-size on its own")
     if getattr(args, "tensor_parallel_size", 1) > 1 and "WORLD_SIZE" not in os.environ:
         from llminfer.parallel.launch import launch
@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--output-len", type=positive_int, default=64)
     latency.add_argument("--batch-size", type=positive_int, default=1)
     latency.add_argument("--iters", type=positive_int, default=3, help="timed repetitions (median reported)")
-    latency.add_argument("--compare", choices=["hf"], help="also run Hugging Face transformers on the same weights")
+    latency.add_argument("--compare", choices=["hf", "llama.cpp"],
+                         help="also run Hugging Face transformers on the same weights, or llama.cpp on the same GGUF "
+                              "(llama-cpp-python: pip install -e '.[bench]')")
     latency.add_argument("--compare-with", nargs="+", default=[], metavar="MODEL",
                          help="also measure these models (quantized folders, or ONNX exports on the lite runtime) "
                               "with the same prompts; ratios are "
