@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from llminfer.ops import cpu_kernels
 from llminfer.ops.registry import define_op, implement
 
 
@@ -39,6 +40,23 @@ def int8_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales:
     if x.device.type == "cpu":
         return torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
     return F.linear(x, qweight.to(x.dtype)) * scales  # no int8 weight-only kernel in PyTorch for CUDA
+
+
+SMALL_BATCH = 16  # rows up to which our int8 kernel beats oneDNN's (decode); prefill keeps the reference
+
+
+@implement("int8_weight_linear", "cpu_int8", devices=("cpu",), priority=-1,
+           requirement=cpu_kernels.unavailable_reason)
+def int8_weight_linear_cpu_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Activations quantized to int8 in blocks of 32, int8 x int8 dot products, per-block and per-row scales
+    (ops/csrc/int8_linear.cpp; AVX2, AVX-VNNI or AVX-512 VNNI) for up to SMALL_BATCH rows; more rows, or K not a
+    multiple of 32, run the reference. Opt-in (--ops int8_weight_linear=cpu_int8) until its accuracy is signed off."""
+    module = cpu_kernels.kernels() if x.shape[0] <= SMALL_BATCH and x.shape[1] % 32 == 0 else None
+    if module is None:
+        return int8_weight_linear_reference(x, qweight, scales)
+    y = module.int8_linear(x.float().contiguous(), qweight.contiguous(), scales.float().contiguous(),
+                           cpu_kernels.isa())
+    return y.to(x.dtype)
 
 
 @implement("int4_weight_linear", "reference")

@@ -1,0 +1,89 @@
+"""Our C++ CPU kernels (llminfer/ops/csrc): compiled with torch.utils.cpp_extension on first use, cached.
+
+One build holds every instruction-set variant (each function compiled for its own target); the variant runs is
+chosen at run time from what the CPU reports, or forced with LLMINFER_CPU_ISA=avx2 | avx_vnni | avx512_vnni
+(tests use it to run the AVX2 path on an AVX-512 machine). Where no compiler exists or the build fails, the
+implementations that use these kernels report themselves unavailable and the reference ops run (one log line).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / "int8_linear.cpp"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be built or run here, or None (no compile happens here)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the CPU kernels are written for x86-64, not {platform.machine()}"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (c++ / $CXX) to build the CPU kernels"
+    if "avx2" not in cpu_flags():
+        return "the CPU has no AVX2"
+    return _build_error
+
+
+_build_error: str | None = None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def kernels() -> ModuleType | None:
+    """The compiled extension (built on first call, then cached on disk), or None if the build failed."""
+    global _build_error
+    if _build_error is not None:
+        return None
+    try:
+        return _load()
+    except Exception as exc:  # noqa: BLE001 - a failed build means the reference ops run, said once
+        _build_error = f"the CPU kernels failed to build: {str(exc).strip().splitlines()[-1]}"
+        logger.error("%s; using the reference ops", _build_error)
+        return None
+
+
+@functools.cache
+def _load() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    start = time.perf_counter()
+    if not _built_before():
+        print("llminfer: compiling the CPU kernels (first use on this machine, about a minute) ...",
+              file=sys.stderr, flush=True)
+    module = load(name="llminfer_cpu_kernels", sources=[str(s) for s in SOURCES],
+                  extra_cflags=["-O3", "-std=c++17"], verbose=False)
+    logger.info("CPU kernels ready in %.1f s", time.perf_counter() - start)
+    return module
+
+
+def _built_before() -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory("llminfer_cpu_kernels", False)) / "llminfer_cpu_kernels.so").is_file()
+    except Exception:  # noqa: BLE001 - a private helper of torch; without it, say "compiling" every time
+        return False
+
+
+def isa() -> str:
+    """The instruction set the kernels use: LLMINFER_CPU_ISA, or 'auto' (the best this CPU has)."""
+    return os.environ.get("LLMINFER_CPU_ISA", "auto")
