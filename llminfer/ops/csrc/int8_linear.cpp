@@ -42,37 +42,56 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One block's int32 dot product of 32 signed bytes, as 8 int32 lanes.
-__attribute__((target("avx2,fma"))) inline __m256i block_dot_avx2(__m256i x, __m256i w) {
-  const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));  // 16 x int16
+// One block's int32 dot product of 32 signed bytes, as 8 int32 lanes: |x| (unsigned) times sign(x) * w (signed).
+__attribute__((target("avx2,fma"))) inline __m256i block_dot_avx2(__m256i abs_x, __m256i signed_w) {
+  const __m256i products = _mm256_maddubs_epi16(abs_x, signed_w);  // 16 x int16, pairs summed (no overflow)
   return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
 }
 
-__attribute__((target("avx2,fma,avxvnni"))) inline __m256i block_dot_avx_vnni(__m256i x, __m256i w) {
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+__attribute__((target("avx2,fma,avxvnni"))) inline __m256i block_dot_avx_vnni(__m256i abs_x, __m256i signed_w) {
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), abs_x, signed_w);
 }
 
 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) inline __m256i block_dot_avx512_vnni(
-    __m256i x, __m256i w) {
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+    __m256i abs_x, __m256i signed_w) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_x, signed_w);
 }
 
-// The rows [n_begin, n_end) of y for every row of x. A weight row is read once per x row while it sits in L1.
+// The rows [n_begin, n_end) of y for every row of x. Four weight rows at a time share each activation block
+// (loaded and made unsigned once) and keep four independent accumulators, so the loop is not bound by the
+// latency of one chain of multiply-adds; weight rows are read once per x row while they sit in L1.
 #define DEFINE_ROWS(NAME, TARGET, BLOCK_DOT)                                                                   \
   __attribute__((target(TARGET))) void NAME(const int8_t* xq, const float* xs, const int8_t* w,              \
                                             const float* wscale, float* y, int64_t M, int64_t N, int64_t K,   \
                                             int64_t n_begin, int64_t n_end) {                                 \
     const int64_t blocks = K / kBlock;                                                                        \
-    for (int64_t n = n_begin; n < n_end; ++n) {                                                               \
-      const int8_t* wn = w + n * K;                                                                           \
-      for (int64_t m = 0; m < M; ++m) {                                                                       \
-        const int8_t* xm = xq + m * K;                                                                        \
-        const float* sm = xs + m * blocks;                                                                    \
+    for (int64_t m = 0; m < M; ++m) {                                                                         \
+      const int8_t* xm = xq + m * K;                                                                          \
+      const float* sm = xs + m * blocks;                                                                      \
+      int64_t n = n_begin;                                                                                    \
+      for (; n + 4 <= n_end; n += 4) {                                                                        \
+        const int8_t* w0 = w + n * K;                                                                         \
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        for (int64_t b = 0; b < blocks; ++b) {                                                                \
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + b * kBlock));           \
+          const __m256i abs_x = _mm256_sign_epi8(xv, xv);                                                     \
+          const __m256 scale = _mm256_set1_ps(sm[b]);                                                         \
+          for (int r = 0; r < 4; ++r) {                                                                       \
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + r * K + b * kBlock)); \
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK_DOT(abs_x, _mm256_sign_epi8(wv, xv))), scale,    \
+                                     acc[r]);                                                                 \
+          }                                                                                                   \
+        }                                                                                                     \
+        for (int r = 0; r < 4; ++r) y[m * N + n + r] = hsum256(acc[r]) * wscale[n + r];                       \
+      }                                                                                                       \
+      for (; n < n_end; ++n) {                                                                                \
+        const int8_t* wn = w + n * K;                                                                         \
         __m256 acc = _mm256_setzero_ps();                                                                     \
         for (int64_t b = 0; b < blocks; ++b) {                                                                \
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + b * kBlock));           \
           const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + b * kBlock));           \
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK_DOT(xv, wv)), _mm256_set1_ps(sm[b]), acc);           \
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK_DOT(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv))),\
+                                _mm256_set1_ps(sm[b]), acc);                                                  \
         }                                                                                                     \
         y[m * N + n] = hsum256(acc) * wscale[n];                                                              \
       }                                                                                                       \
@@ -129,8 +148,8 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, 
   const int8_t* w_ptr = qweight.data_ptr<int8_t>();
   const float* s_ptr = scales.data_ptr<float>();
   float* y_ptr = y.data_ptr<float>();
-  // Split the output rows over torch's intra-op threads; at least 16 rows each, so small layers stay on one.
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  // Split the output rows over torch's intra-op threads, at least 64 rows each.
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     rows(xq_ptr, xs_ptr, w_ptr, s_ptr, y_ptr, M, N, K, begin, end);
   });
   return y;
