@@ -119,7 +119,7 @@ def test_debug_flag_shows_the_traceback():
 
 
 def test_bench_latency_reports_both_engines_as_json(tiny_llama_folder):
-    result = run_cli("bench", "latency", "--model", str(tiny_llama_folder), "--input-len", "16", "--output-len", "4",
+    result = run_cli("bench", "latency", "--model", str(tiny_llama_folder), "--input-len", "40", "--output-len", "4",
                      "--iters", "1", "--compare", "hf", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -127,6 +127,7 @@ def test_bench_latency_reports_both_engines_as_json(tiny_llama_folder):
     for r in report["results"]:
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["ttft_ms"] > 0
     assert set(report["ratio_vs_transformers"]) == {"prefill", "decode", "ttft"}
+    assert report["prefix_cache_hit_tokens"] == 0  # repeated prompts are prefilled, not looked up
 
 
 def test_threads_reach_torch_and_the_bench_report(tiny_llama_folder):

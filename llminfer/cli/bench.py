@@ -202,13 +202,16 @@ def latency_command(args: argparse.Namespace) -> int:
 
         gguf_file_of(args.model)
         check_available()
-    llm = LLM(args.model, **model_options(args), max_num_seqs=args.batch_size)
+    # Prefix caching off: every timed run repeats the warm-up's prompts, and cached blocks would turn most of the
+    # "prefill" into lookups (7 of 8 blocks of a 128-token prompt), overstating prefill tokens/s.
+    llm = LLM(args.model, **model_options(args), max_num_seqs=args.batch_size, enable_prefix_caching=False)
     dtype = llm.config.dtype  # "auto" resolved
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, llm.model_config.vocab_size - 100, (args.batch_size, args.input_len),
                             generator=generator).tolist()
     first_label = _label(llm, args.model) if args.compare_with else "llminfer"
     results = [measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=first_label)]
+    prefix_hits = llm.engine.kv.stats().prefix_cache_hit_tokens  # 0: every run computed its whole prompt
     for other in args.compare_with:  # quantized folders or ONNX exports of the same model, measured in this run
         log(f"loading {other}")
         if (Path(other) / "export.json").is_file():
@@ -216,7 +219,7 @@ def latency_command(args: argparse.Namespace) -> int:
             continue
         del llm
         llm = LLM(other, **{**model_options(args), "dtype": "auto", "quantization": None},
-                  max_num_seqs=args.batch_size)
+                  max_num_seqs=args.batch_size, enable_prefix_caching=False)
         results.append(measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=_label(llm, other)))
     if args.compare == "llama.cpp":
         results.append(measure_llama_cpp(args.model, prompts, args.output_len, args.iters, log))
@@ -227,6 +230,7 @@ def latency_command(args: argparse.Namespace) -> int:
     report = {
         "model": args.model, "dtype": dtype, "device": args.device, "threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+        "prefix_cache_hit_tokens": prefix_hits,
         "results": [asdict(r) for r in results],
     }
     if args.compare_with:
