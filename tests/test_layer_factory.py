@@ -84,3 +84,19 @@ def test_a_column_parallel_fused_projection_takes_each_parts_rows():
     assert qkv.tensor_split("weight", "q").ranges == ((32, 32),)  # q_proj stored apart: its own rows
     assert qkv.tensor_split("weight", "k").ranges == ((8, 8),)
     assert qkv.tensor_split("weight").ranges == ((32, 32), (72, 8), (88, 8))  # stored fused: after the parts before
+
+
+def test_every_scheme_name_has_exactly_one_layer_class_and_exportable_means_it_lowers():
+    from llminfer.errors import UnsupportedModelError
+    from llminfer.quantization.layers import QUANTIZED_LAYERS
+    from llminfer.schemes import QUANTIZATION_SCHEMES
+
+    assert set(QUANTIZED_LAYERS) == set(QUANTIZATION_SCHEMES)
+    for name, scheme in QUANTIZATION_SCHEMES.items():
+        group = scheme.group_sizes[0] if scheme.group_sizes else None
+        layer = QUANTIZED_LAYERS[name].empty(64, 8, False, QuantizationConfig(name, group), OPS)
+        if scheme.exportable:
+            assert not isinstance(layer.for_export(), type(layer))
+        else:
+            with pytest.raises(UnsupportedModelError, match=f"{name} layers cannot be exported"):
+                layer.for_export()
