@@ -148,3 +148,14 @@ def tiny_chat_folder(tmp_path_factory) -> Path:
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "<|im_end|>", "chat_template": TINY_CHAT_TEMPLATE}))
     return folder
+
+
+def emulated_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float64: x quantized per block of 32 (|max| / 127, round half to even), exact integer dot per block."""
+    m, k = x.shape
+    blocks = x.double().reshape(m, k // 32, 32)
+    block_scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    xq = torch.where(block_scale > 0, torch.round(blocks / block_scale), torch.zeros_like(blocks))
+    w = qweight.double().reshape(qweight.shape[0], k // 32, 32)
+    per_block = torch.einsum("mbi,nbi->mnb", xq, w)  # exact in float64 (|sum| < 2**20)
+    return (per_block * block_scale.squeeze(-1)[:, None, :]).sum(-1) * scales.double()

@@ -3,6 +3,7 @@ every instruction-set variant this CPU runs (an AVX-512 machine also runs the AV
 
 import pytest
 import torch
+from conftest import emulated_int8_linear
 
 from llminfer.ops import cpu_kernels, resolve_ops
 
@@ -15,17 +16,6 @@ def kernels():
     module = cpu_kernels.kernels()
     assert module is not None, cpu_kernels._build_error
     return module
-
-
-def emulated_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float64: x quantized per block of 32 (|max| / 127, round half to even), exact integer dot per block."""
-    m, k = x.shape
-    blocks = x.double().reshape(m, k // 32, 32)
-    block_scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
-    xq = torch.where(block_scale > 0, torch.round(blocks / block_scale), torch.zeros_like(blocks))
-    w = qweight.double().reshape(qweight.shape[0], k // 32, 32)
-    per_block = torch.einsum("mbi,nbi->mnb", xq, w)  # exact in float64 (|sum| < 2**20)
-    return (per_block * block_scale.squeeze(-1)[:, None, :]).sum(-1) * scales.double()
 
 
 def test_every_instruction_set_variant_this_cpu_runs_is_listed(kernels):
