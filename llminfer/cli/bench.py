@@ -40,6 +40,11 @@ def _print_table(results: list, columns: list[tuple[str, str, str]]) -> None:
               + "".join(f"{getattr(r, attr):>{len(title) + 3}{spec}}" for title, attr, spec in columns))
 
 
+# --compare value -> the report's ratio key and the peer's name in the table
+RATIO_KEYS = {"hf": "ratio_vs_transformers", "llama.cpp": "ratio_vs_llama_cpp"}
+PEER_NAMES = {"hf": "transformers", "llama.cpp": "llama.cpp"}
+
+
 @dataclass
 class LatencyResult:
     engine: str
@@ -238,16 +243,9 @@ def latency_command(args: argparse.Namespace) -> int:
         report["ratio_vs_first"] = {r.engine: {"prefill": r.prefill_tokens_per_s / base.prefill_tokens_per_s,
                                                "decode": r.decode_tokens_per_s / base.decode_tokens_per_s}
                                     for r in results[1:len(args.compare_with) + 1]}
-    if args.compare == "llama.cpp":
+    if args.compare:  # the peer was measured last
         ours, peer = results[0], results[-1]
-        report["ratio_vs_llama_cpp"] = {
-            "prefill": ours.prefill_tokens_per_s / peer.prefill_tokens_per_s,
-            "decode": ours.decode_tokens_per_s / peer.decode_tokens_per_s,
-            "ttft": peer.ttft_ms / ours.ttft_ms,
-        }
-    if args.compare == "hf":
-        ours, peer = results[0], results[-1]
-        report["ratio_vs_transformers"] = {
+        report[RATIO_KEYS[args.compare]] = {
             "prefill": ours.prefill_tokens_per_s / peer.prefill_tokens_per_s,
             "decode": ours.decode_tokens_per_s / peer.decode_tokens_per_s,
             "ttft": peer.ttft_ms / ours.ttft_ms,
@@ -262,11 +260,10 @@ def latency_command(args: argparse.Namespace) -> int:
                            ("TTFT ms", "ttft_ms", ".1f")])
     for label, ratio in report.get("ratio_vs_first", {}).items():
         print(f"{label} / {results[0].engine}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
-    for key, peer in (("ratio_vs_transformers", "transformers"), ("ratio_vs_llama_cpp", "llama.cpp")):
-        if key in report:
-            ratio = report[key]
-            print(f"llminfer / {peer}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x, "
-                  f"TTFT {ratio['ttft']:.2f}x faster")
+    if args.compare:
+        ratio, peer = report[RATIO_KEYS[args.compare]], PEER_NAMES[args.compare]
+        print(f"llminfer / {peer}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x, "
+              f"TTFT {ratio['ttft']:.2f}x faster")
     return 0
 
 
