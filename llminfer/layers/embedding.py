@@ -1,4 +1,4 @@
-"""Token embeddings: the whole table, or one tensor-parallel rank's slice of the vocabulary."""
+"""One tensor-parallel rank's slice of the token embeddings (one process uses torch's nn.Embedding)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llminfer.layers.parallel import REPLICATED, Parallel, TensorSplit
-
-
-class Embedding(nn.Embedding):
-    parallel: Parallel | None = None
-
-    def tensor_split(self, suffix: str, shard: str | int | None = None) -> TensorSplit:
-        return REPLICATED
+from llminfer.layers.parallel import Parallel, TensorSplit
 
 
 class VocabParallelEmbedding(nn.Module):

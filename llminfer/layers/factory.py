@@ -18,7 +18,7 @@ from typing import Protocol
 
 from torch import nn
 
-from llminfer.layers.embedding import Embedding, VocabParallelEmbedding
+from llminfer.layers.embedding import VocabParallelEmbedding
 from llminfer.layers.linear import Linear, MergedLinear
 from llminfer.layers.parallel import Collectives, Parallel, TensorParallelPlan
 from llminfer.ops import OpSet
@@ -65,7 +65,7 @@ class LayerFactory:
 
     def embedding(self, prefix: str, vocab_size: int, hidden_size: int) -> nn.Module:
         if self.plan is None:
-            layer = Embedding(vocab_size, hidden_size)
+            layer = nn.Embedding(vocab_size, hidden_size)
         else:
             layer = VocabParallelEmbedding(vocab_size // self.plan.world_size, hidden_size, self._vocab_share())
         layer.prefix = prefix
