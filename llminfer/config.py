@@ -352,7 +352,8 @@ class QuantizationConfig:
     algorithm: str = "rtn"
     compute_dtype: str = "bfloat16"  # activations, embeddings, norms, biases, LM head
     kv_cache_dtype: str = "auto"  # "int8": the engine stores keys/values as int8 unless told otherwise
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool = False  # the LM head quantized with the scheme (saved so)
+    int8_lm_head: bool = True  # otherwise: made int8 per channel (A16W8) at load; False keeps the compute dtype
     smoothing: bool = False  # a8w8: per-input-channel factors migrate activation outliers into the weights
     calibration: dict[str, Any] | None = None  # source, sha256, tokens
 

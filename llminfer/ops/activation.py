@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llminfer.ops import cpu_kernels
 from llminfer.ops.registry import define_op, implement
 
 
@@ -28,3 +29,17 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 def gelu_tanh_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
+
+
+@implement("silu_and_mul", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+def silu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.dim() != 2 or not cpu_kernels.takes(gate_up):
+        return silu_and_mul_reference(gate_up)
+    return cpu_kernels.kernels().silu_and_mul(gate_up)
+
+
+@implement("gelu_tanh_and_mul", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+def gelu_tanh_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.dim() != 2 or not cpu_kernels.takes(gate_up):
+        return gelu_tanh_and_mul_reference(gate_up)
+    return cpu_kernels.kernels().gelu_tanh_and_mul(gate_up)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from llminfer.ops import cpu_kernels
 from llminfer.ops.registry import define_op, implement
 
 define_op("write_kv", "write_kv(key_cache, value_cache, key_scales | None, value_scales | None, slot_blocks [T], "
@@ -79,6 +80,16 @@ def write_kv_reference(key_cache: torch.Tensor, value_cache: torch.Tensor, key_s
             q, scale = quantize_kv(new)
             cache[slot_blocks, :, slot_offsets] = q
             scales[slot_blocks, :, slot_offsets] = scale
+
+
+@implement("write_kv", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key_scales: Optional[torch.Tensor],
+                 value_scales: Optional[torch.Tensor], slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor) -> None:
+    """Each head vector copied (or quantized) straight into its slot, both caches in one call."""
+    if not cpu_kernels.takes(k, v) or (key_scales is None and key_cache.dtype != k.dtype):
+        return write_kv_reference(key_cache, value_cache, key_scales, value_scales, slot_blocks, slot_offsets, k, v)
+    cpu_kernels.kernels().write_kv(key_cache, value_cache, key_scales, value_scales, slot_blocks, slot_offsets, k, v)
 
 
 # --- paged_decode_attention ------------------------------------------------------------------------
@@ -155,6 +166,22 @@ def paged_decode_attention_batched(q: torch.Tensor, key_cache: torch.Tensor, val
         out = out + torch.matmul(shared_probs, shared_values).view(num_kv_heads, num_seqs, group,
                                                                    head_dim).permute(1, 0, 2, 3)
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+@implement("paged_decode_attention", "cpu", devices=("cpu",), priority=20,
+           requirement=cpu_kernels.unavailable_reason)
+def paged_decode_attention_cpu(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               key_scales: Optional[torch.Tensor], value_scales: Optional[torch.Tensor],
+                               block_tables: torch.Tensor, context_lens: list[int], num_shared: int,
+                               scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+    """One task per (sequence, KV head), reading its blocks in place through the block table (an int8 cache is
+    dequantized as it is read): all scores, softmax, then the weighted values, in float32. Shared blocks are
+    read by each sequence (from cache, after the first)."""
+    if not cpu_kernels.takes(q) or (key_scales is None and key_cache.dtype != q.dtype):
+        return paged_decode_attention_batched(q, key_cache, value_cache, key_scales, value_scales, block_tables,
+                                              context_lens, num_shared, scale, sliding_window)
+    return cpu_kernels.kernels().paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales,
+                                                        block_tables, list(context_lens), scale, sliding_window)
 
 
 def _single_sequence_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / "int8_linear.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quantized_linear.cpp", "decode_ops.cpp")]
 
 
 def unavailable_reason() -> str | None:
@@ -56,7 +58,9 @@ def kernels() -> ModuleType | None:
     try:
         return _load()
     except Exception as exc:  # noqa: BLE001 - a failed build means the reference ops run, said once
-        _build_error = f"the CPU kernels failed to build: {str(exc).strip().splitlines()[-1]}"
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        first_error = next((line for line in lines if "error:" in line), lines[-1])  # the compiler's, not ninja's
+        _build_error = f"the CPU kernels failed to build: {first_error.strip()}"
         logger.error("%s; using the reference ops", _build_error)
         return None
 
@@ -70,7 +74,8 @@ def _load() -> ModuleType:
         print("llminfer: compiling the CPU kernels (first use on this machine, about a minute) ...",
               file=sys.stderr, flush=True)
     module = load(name="llminfer_cpu_kernels", sources=[str(s) for s in SOURCES],
-                  extra_cflags=["-O3", "-std=c++17"], verbose=False)
+                  extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                  verbose=False)
     logger.info("CPU kernels ready in %.1f s", time.perf_counter() - start)
     return module
 
@@ -82,6 +87,18 @@ def _built_before() -> bool:
         return (Path(_get_build_directory("llminfer_cpu_kernels", False)) / "llminfer_cpu_kernels.so").is_file()
     except Exception:  # noqa: BLE001 - a private helper of torch; without it, say "compiling" every time
         return False
+
+
+def has_bf16_dot_products() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (oneDNN's bfloat16 matmul is fast there, slow elsewhere)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels compute on these tensors: float32 or bfloat16, all the same dtype (the reference runs
+    the others, e.g. float16)."""
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.bfloat16) and all(t.dtype == dtype for t in tensors)
 
 
 def isa() -> str:

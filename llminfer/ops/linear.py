@@ -4,7 +4,8 @@ checkpoints (int4 in the kernel's packed layout)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,10 @@ define_op("linear", "linear(x [M, K], weight [N, K], bias [N] | None) -> [M, N]"
 define_op("int8_weight_linear", "int8_weight_linear(x [M, K], qweight int8 [N, K], scales [N]) -> [M, N]: "
                                 "x (qweight * scales)^T",
           fake=lambda x, qweight, scales: _rows_by(x, qweight.shape[0]))
-define_op("int4_weight_linear", "int4_weight_linear(x [M, K], qweight packed, group_size, scales_and_offsets "
-                                "[K/g, N, 2]) -> [M, N]: w = (q - 8) * scale + offset per group of inputs",
-          fake=lambda x, qweight, group_size, table: _rows_by(x, table.shape[1]))
+define_op("int4_weight_linear", "int4_weight_linear(x [M, K], qweight, group_size, table) -> [M, N]: int4 levels q "
+                                "with a scale and zero point per group of inputs, w = (q - zero) * scale; qweight "
+                                "and table in the weight layout of the implementation (INT4_LAYOUTS)",
+          fake=lambda x, qweight, group_size, table: _rows_by(x, qweight.shape[0]))
 define_op("int8_int8_linear", "int8_int8_linear(xq int8 [M, K], x_scales [M, 1], qweight int8 [N, K], "
                               "scales [N]) -> float32 [M, N]: int32 accumulation, then both scales",
           fake=lambda xq, x_scales, qweight, scales: _rows_by(xq, qweight.shape[0], torch.float32))
@@ -38,33 +40,119 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 @implement("int8_weight_linear", "reference")
 def int8_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
-        return torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
-    return F.linear(x, qweight.to(x.dtype)) * scales  # no int8 weight-only kernel in PyTorch for CUDA
+        return torch.ops.aten._weight_int8pack_mm(x, qweight, scales.to(x.dtype))
+    return F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)  # no int8 weight-only kernel in PyTorch for CUDA
 
 
-SMALL_BATCH = 16  # rows up to which our int8 kernel beats oneDNN's (decode); prefill keeps the reference
+def _kernel_takes(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] % 32 == 0 and x.shape[0] > 0
 
 
-@implement("int8_weight_linear", "cpu_int8", devices=("cpu",), priority=-1,
+PROMPT_ROWS = 64  # from this many bfloat16 rows, dequantize + a bfloat16 matmul beats integer dot products
+
+
+def _bf16_matmul_wins(x: torch.Tensor) -> bool:
+    """A prompt's many rows in bfloat16 on a CPU with bfloat16 dot products (AVX-512 BF16, AMX): the dequantized
+    weight (made once per call) through oneDNN's matmul is ~2x our int8 kernel there (docs/PERFORMANCE.md)."""
+    return x.dtype == torch.bfloat16 and x.shape[0] >= PROMPT_ROWS and cpu_kernels.has_bf16_dot_products()
+
+
+@implement("int8_weight_linear", "cpu_int8", devices=("cpu",), priority=10,
            requirement=cpu_kernels.unavailable_reason)
 def int8_weight_linear_cpu_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Activations quantized to int8 in blocks of 32, int8 x int8 dot products, per-block and per-row scales
-    (ops/csrc/int8_linear.cpp; AVX2, AVX-VNNI or AVX-512 VNNI) for up to SMALL_BATCH rows; more rows, or K not a
-    multiple of 32, run the reference. Opt-in (--ops int8_weight_linear=cpu_int8) until its accuracy is signed off."""
-    module = cpu_kernels.kernels() if x.shape[0] <= SMALL_BATCH and x.shape[1] % 32 == 0 else None
-    if module is None:
+    """Activations quantized to int8 in blocks of 32 inside the kernel, int8 x int8 dot products, per-block and
+    per-row scales (ops/csrc/quantized_linear.cpp; AVX2, AVX-VNNI or AVX-512 VNNI). K not a multiple of 32, or a
+    dtype other than float32/bfloat16, runs the reference; a bfloat16 prompt may take the dequantized matmul."""
+    if not _kernel_takes(x):
         return int8_weight_linear_reference(x, qweight, scales)
-    y = module.int8_linear(x.float().contiguous(), qweight.contiguous(), scales.float().contiguous(),
-                           cpu_kernels.isa())
-    return y.to(x.dtype)
+    if _bf16_matmul_wins(x):
+        return F.linear(x, cpu_kernels.kernels().dequantize_int8(qweight, scales, x.dtype))
+    return cpu_kernels.kernels().int8_linear(x.contiguous(), qweight, scales, cpu_kernels.isa())
 
 
-@implement("int4_weight_linear", "reference")
+# --- int4 weight layouts: how each implementation holds its weights, packed once at load -----------------------
+
+@dataclass(frozen=True)
+class Int4Layout:
+    # (levels uint8 [N, K] in [0, 15], scale [N, K/g], zero [N, K/g], group size, compute dtype) -> (qweight, table)
+    pack: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+    # (qweight, table, group size, K) -> the levels uint8 [N, K] again
+    levels: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def _pack_tinygemm(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's int4 kernels: an opaque packing, and a [K/g, N, 2] table of (scale, offset) in the compute dtype
+    for w = (q - 8) * scale + offset."""
+    if levels.device.type == "cpu":
+        qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32), 1)
+    else:
+        high_first = (levels[:, 0::2] << 4 | levels[:, 1::2]).to(torch.uint8)  # the CUDA kernel's nibble order
+        qweight = torch.ops.aten._convert_weight_to_int4pack(high_first, 8)
+    scale, zero = scale.float(), zero.float()
+    table = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
+    return qweight, table.to(dtype)
+
+
+def _tinygemm_levels(qweight: torch.Tensor, table: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """The opaque packing read back by multiplying with the identity: with scale 1 and offset 0 the kernel
+    returns q - 8 exactly."""
+    unit = torch.zeros_like(table)
+    unit[..., 0] = 1
+    eye = torch.eye(k, dtype=table.dtype, device=qweight.device)
+    rows = [int4_weight_linear_reference(eye[start:start + 1024], qweight, group_size, unit)
+            for start in range(0, k, 1024)]
+    return (torch.cat(rows).T.float() + 8).round().to(torch.uint8)
+
+
+def _pack_blocks32(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our kernel's layout (ops/csrc/quantized_linear.cpp): K padded to 64; each 64 levels are 32 bytes, the first
+    block of 32 in the low nibbles and the second in the high ones; a float16 (scale, min) per block of 32,
+    w = q * scale + min, [N, K/32, 2]."""
+    n, k = levels.shape
+    padded = -(-k // 64) * 64
+    blocks = F.pad(levels, (0, padded - k)).view(n, padded // 64, 2, 32)
+    qweight = (blocks[:, :, 0] | blocks[:, :, 1] << 4).reshape(n, padded // 2).contiguous()
+    per_block = group_size // 32
+    s = scale.float().repeat_interleave(per_block, dim=1)
+    m = -zero.float().repeat_interleave(per_block, dim=1) * s
+    table = F.pad(torch.stack([s, m], dim=-1), (0, 0, 0, padded // 32 - k // 32))
+    return qweight, table.half().contiguous()
+
+
+def _blocks32_levels(qweight: torch.Tensor, table: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    n = qweight.shape[0]
+    pairs = qweight.view(n, -1, 1, 32)
+    return torch.cat([pairs & 15, pairs >> 4], dim=2).reshape(n, -1)[:, :k].contiguous()
+
+
+INT4_LAYOUTS = {"tinygemm": Int4Layout(_pack_tinygemm, _tinygemm_levels),
+                "blocks32": Int4Layout(_pack_blocks32, _blocks32_levels)}
+
+
+@implement("int4_weight_linear", "reference", weight_layout="tinygemm")
 def int4_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, group_size: int,
-                                 scales_and_offsets: torch.Tensor) -> torch.Tensor:
+                                 table: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, qweight, group_size, scales_and_offsets)
-    return torch.ops.aten._weight_int4pack_mm(x, qweight, group_size, scales_and_offsets)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, qweight, group_size, table)
+    return torch.ops.aten._weight_int4pack_mm(x, qweight, group_size, table)
+
+
+@implement("int4_weight_linear", "cpu_int4", devices=("cpu",), priority=10, weight_layout="blocks32",
+           requirement=cpu_kernels.unavailable_reason)
+def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_size: int,
+                                table: torch.Tensor) -> torch.Tensor:
+    """Q4_1-style: activations quantized to int8 in blocks of 32 inside the kernel, unsigned levels x signed
+    activations summed exactly per block, scaled by both blocks' scales, plus min x the block's activation sum.
+    Other dtypes dequantize the weight for a float product (a slow path for tests)."""
+    if _kernel_takes(x):
+        if _bf16_matmul_wins(x):
+            return F.linear(x, cpu_kernels.kernels().dequantize_int4(qweight, table, x.shape[1], x.dtype))
+        return cpu_kernels.kernels().int4_linear(x.contiguous(), qweight, table, cpu_kernels.isa())
+    levels = _blocks32_levels(qweight, table, group_size, x.shape[1]).float()
+    t = table.float()[:, : x.shape[1] // 32].repeat_interleave(32, dim=1)  # [N, K, 2]
+    return F.linear(x, (levels * t[..., 0] + t[..., 1]).to(x.dtype))
 
 
 @implement("int8_int8_linear", "reference")

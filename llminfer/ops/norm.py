@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llminfer.ops import cpu_kernels
 from llminfer.ops.registry import define_op, implement
 
 define_op("rms_norm", "rms_norm(x [T, H], weight [H], eps) -> [T, H]: x / rms(x) * weight, computed in float32",
@@ -25,3 +26,20 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     summed = x + residual
     return rms_norm_reference(summed, weight, eps), summed
+
+
+@implement("rms_norm", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """One pass per row (ops/csrc/decode_ops.cpp), the reference's rounding."""
+    if x.dim() != 2 or not cpu_kernels.takes(x, weight):
+        return rms_norm_reference(x, weight, eps)
+    return cpu_kernels.kernels().rms_norm(x, weight.contiguous(), eps)
+
+
+@implement("add_rms_norm", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+def add_rms_norm_cpu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the norm in one pass per row."""
+    if x.dim() != 2 or not cpu_kernels.takes(x, residual, weight):
+        return add_rms_norm_reference(x, residual, weight, eps)
+    return cpu_kernels.kernels().add_rms_norm(x, residual, weight.contiguous(), eps)

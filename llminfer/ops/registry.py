@@ -29,6 +29,7 @@ class Implementation:
     priority: int  # the default is the available implementation with the highest priority
     requirement: Callable[[], str | None]  # None when usable on this machine, else why not
     custom_op: Any  # the torch.library op wrapping fn
+    weight_layout: str | None = None  # for ops on packed weights: the layout it reads, packed at load by the layer
 
     def unavailable_reason(self, device_type: str) -> str | None:
         if device_type not in self.devices:
@@ -61,8 +62,10 @@ def _always() -> str | None:
 
 
 def implement(op_name: str, impl_name: str, *, devices: tuple[str, ...] = ("cpu", "cuda"), priority: int = 0,
-              requirement: Callable[[], str | None] = _always) -> Callable[[Callable], Callable]:
-    """Register `fn` as implementation `impl_name` of `op_name` (and as torch.ops.llminfer.<op>_<impl>)."""
+              requirement: Callable[[], str | None] = _always,
+              weight_layout: str | None = None) -> Callable[[Callable], Callable]:
+    """Register `fn` as implementation `impl_name` of `op_name` (and as torch.ops.llminfer.<op>_<impl>).
+    `weight_layout` names the packing of the weights it reads, for ops whose layers pack them at load."""
     op = OPS[op_name]
 
     def register(fn: Callable) -> Callable:
@@ -71,7 +74,8 @@ def implement(op_name: str, impl_name: str, *, devices: tuple[str, ...] = ("cpu"
         custom = torch.library.custom_op(f"llminfer::{op_name}_{impl_name}", fn, mutates_args=op.mutates)
         if op.fake is not None:
             custom.register_fake(op.fake)
-        op.implementations[impl_name] = Implementation(impl_name, fn, devices, priority, requirement, custom)
+        op.implementations[impl_name] = Implementation(impl_name, fn, devices, priority, requirement, custom,
+                                                       weight_layout)
         return fn
 
     return register
@@ -113,6 +117,10 @@ class OpSet:
 
     def names(self) -> dict[str, str]:
         return {name: impl.name for name, impl in self.chosen.items()}
+
+    def weight_layout(self, name: str) -> str | None:
+        """The weight layout the chosen implementation of op `name` reads (what its layers pack at load)."""
+        return self.chosen[name].weight_layout
 
 
 def _bind(impl: Implementation) -> Callable[..., Any]:

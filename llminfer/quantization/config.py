@@ -27,7 +27,8 @@ class PTQConfig:
     kv_dtype: str | None = None  # None | "int8": recorded so the deployed engine stores an int8 KV cache
     algorithm: str = "rtn"  # "rtn" | "gptq" (a16w4) | "smoothquant" (a8w8)
     compute_dtype: str = "bfloat16"
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool = False  # the LM head quantized with the scheme, and saved so
+    int8_lm_head: bool = True  # otherwise the deployed model makes it int8 per channel at load (False: float)
     smoothquant_alpha: float = 0.5  # migration strength: 0 keeps activations as they are, 1 moves all into W
     gptq_damp: float = 0.01  # fraction of the mean Hessian diagonal added for stability
     calibration_tokens: int = 16384
@@ -52,7 +53,7 @@ class PTQConfig:
     def quantization_config(self, calibration: dict[str, Any] | None = None) -> QuantizationConfig:
         return QuantizationConfig(scheme=self.scheme, group_size=self.group_size, algorithm=self.algorithm,
                                   compute_dtype=self.compute_dtype, kv_cache_dtype=self.kv_dtype or "auto",
-                                  quantize_lm_head=self.quantize_lm_head,
+                                  quantize_lm_head=self.quantize_lm_head, int8_lm_head=self.int8_lm_head,
                                   smoothing=self.algorithm == "smoothquant", calibration=calibration)
 
     @classmethod

@@ -22,6 +22,7 @@ from llminfer.errors import UnsupportedModelError
 from llminfer.layers.linear import Linear
 from llminfer.layers.parallel import REPLICATED, ParallelOutput, TensorSplit
 from llminfer.ops import OpSet, default_ops
+from llminfer.ops.linear import INT4_LAYOUTS
 from llminfer.quantization import functional as Q
 from llminfer.schemes import QUANTIZATION_SCHEMES
 
@@ -137,9 +138,9 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     """A16W4: groups of `group_size` inputs share a scale and a zero point; levels packed two per byte.
 
     The checkpoint holds levels packed plainly ([N, K/2], even column in the low nibble), scales [N, K/g] in
-    the compute dtype and float32 zero points [N, K/g]. In memory the weight is in the kernel's own packed layout
-    and scales/zeros are
-    folded into the kernel's [K/g, N, 2] (scale, offset) table: w = (q - 8) * scale + offset.
+    the compute dtype and float32 zero points [N, K/g]. After loading, the levels and the grid are packed into the
+    weight layout of the OpSet's int4 implementation (`qweight` and `table`, ops.linear.INT4_LAYOUTS); the scales
+    and zero points are kept as loaded, so that a save gives back the same checkpoint bit for bit.
     """
 
     scheme = "a16w4"
@@ -152,10 +153,10 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         groups = in_features // group_size
         self.qweight = _frozen(torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.qweight.weight_loader = self._load_plain_qweight
-        # Loaded from the checkpoint, then folded into scales_and_offsets by process_weights_after_loading.
         self.scales = _frozen(torch.ones(out_features, groups, dtype=torch.float32))
         self.zeros = _frozen(torch.zeros(out_features, groups, dtype=torch.float32))
-        self.register_buffer("scales_and_offsets", None)
+        self.register_buffer("table", None)  # set when the weights are packed for the kernel
+        self.layout = INT4_LAYOUTS[self.ops.weight_layout("int4_weight_linear")]
 
     @classmethod
     def from_float(cls, linear: Linear, config: QuantizationConfig, q: torch.Tensor | None = None,
@@ -168,7 +169,9 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         device = linear.weight.device
         layer.to(device)
         layer._load_plain_qweight(layer.qweight, Q.pack_int4(q.to(device)))
-        layer.scales.data, layer.zeros.data = scale.float().to(device), zero.float().to(device)
+        # scales as the checkpoint stores them (the compute dtype), so that what runs is what a reload runs
+        layer.scales.data = scale.to(layer.compute_dtype).float().to(device)
+        layer.zeros.data = zero.float().to(device)
         layer.process_weights_after_loading()
         layer._take_place_of(linear)
         return layer
@@ -183,51 +186,25 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return columns.scaled(2 if suffix == "qweight" else self.group_size)
 
     def _load_plain_qweight(self, param: nn.Parameter, packed: torch.Tensor, shard=None) -> None:
-        if packed.shape != param.shape or packed.dtype != torch.uint8:
-            raise ValueError(f"expected packed int4 levels uint8 {tuple(param.shape)}, "
+        if self.table is not None or packed.shape != param.shape or packed.dtype != torch.uint8:
+            raise ValueError(f"expected packed int4 levels uint8 {(self.out_features, self.in_features // 2)}, "
                              f"got {packed.dtype} {tuple(packed.shape)}")
-        levels = Q.unpack_int4(packed.to(param.device)).to(torch.int32)
-        if param.device.type == "cpu":
-            param.data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels, 1)
-        else:
-            high_first = (levels[:, 0::2] << 4 | levels[:, 1::2]).to(torch.uint8)  # the CUDA kernel's nibble order
-            param.data = torch.ops.aten._convert_weight_to_int4pack(high_first, 8)
+        param.data = packed.to(param.device).clone()
 
     def process_weights_after_loading(self) -> None:
-        if self.scales is None:
+        if self.table is not None:
             return
-        scale, zero = self.scales.data.float(), self.zeros.data.float()
-        offset = (8 - zero) * scale  # the kernel computes (q - 8) * scale + offset
-        table = torch.stack([scale, offset], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
-        self.scales_and_offsets = table.to(self.compute_dtype)
-        self.scales = self.zeros = None  # folded into the table; free them
+        levels = Q.unpack_int4(self.qweight.data)
+        self.qweight.data, self.table = self.layout.pack(levels, self.scales.data, self.zeros.data, self.group_size,
+                                                         self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._int4_matmul(self._flat(x), self.scales_and_offsets)
+        y = self.ops.int4_weight_linear(self._flat(x), self.qweight, self.group_size, self.table)
         return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
 
-    def _int4_matmul(self, flat: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        return self.ops.int4_weight_linear(flat, self.qweight, self.group_size, table)
-
-    def _levels(self) -> torch.Tensor:
-        """Recover the levels [N, K] from the kernel's opaque layout by multiplying with the identity:
-        with scale 1 and offset 0 the kernel returns q - 8 exactly."""
-        table = torch.zeros_like(self.scales_and_offsets)
-        table[..., 0] = 1
-        eye = torch.eye(self.in_features, dtype=self.compute_dtype, device=self.qweight.device)
-        rows = [self._int4_matmul(eye[start:start + 1024], table) for start in range(0, self.in_features, 1024)]
-        return (torch.cat(rows).T.float() + 8).round().to(torch.uint8)
-
-    def _scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
-        table = self.scales_and_offsets.float().transpose(0, 1)  # [N, K/g, 2]
-        scale = table[..., 0]
-        return scale, 8 - table[..., 1] / scale
-
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        # Scales are stored as the kernel holds them (exactly); zero points in float32, so that reloading
-        # rebuilds the kernel's offsets bit for bit.
-        scale, zero = self._scales_zeros()
-        return {"qweight": Q.pack_int4(self._levels()), "scales": scale.to(self.compute_dtype), "zeros": zero}
+        levels = self.layout.levels(self.qweight, self.table, self.group_size, self.in_features)
+        return {"qweight": Q.pack_int4(levels), "scales": self.scales.to(self.compute_dtype), "zeros": self.zeros}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"

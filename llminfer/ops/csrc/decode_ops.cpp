@@ -1,0 +1,429 @@
+// The small ops of a decode step, fused so that each is one pass over its data and one call from Python:
+// RMSNorm (with the residual add before it), SiLU/GELU-and-mul, rotary embedding, storing keys/values in their
+// paged blocks (quantized for an int8 cache), and decode attention that reads the blocks in place.
+//
+// Each keeps its reference's rounding (llminfer/ops/*.py): arithmetic in float32, results rounded to the
+// tensor's dtype where the reference rounds. The loops are plain C++ compiled for AVX2 (the kernels' minimum),
+// which the compiler vectorizes; none of them is bound by arithmetic.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#define VECTOR_TARGET __attribute__((target("avx2,fma,f16c")))
+
+namespace {
+
+using bf16 = uint16_t;  // bfloat16 as its bits
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;  // bfloat16 is the top half of a float32
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <typename T> inline T from_float(float v);
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline bf16 from_float<bf16>(float v) {  // round to nearest even, as torch's conversion
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if (std::isnan(v)) return 0x7fc0;
+  bits += 0x7fff + ((bits >> 16) & 1);
+  return static_cast<bf16>(bits >> 16);
+}
+
+// What the reference computes in x's dtype: float32 math rounded to it (a no-op for float32).
+template <typename T> inline float rounded(float v) { return to_float(from_float<T>(v)); }
+
+template <typename F>
+void for_dtype(const torch::Tensor& t, F&& body) {
+  if (t.scalar_type() == torch::kFloat) {
+    body(float{});
+  } else {
+    TORCH_CHECK(t.scalar_type() == torch::kBFloat16, "expected float32 or bfloat16, got ", t.scalar_type());
+    body(bf16{});
+  }
+}
+
+template <typename T> T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+void check_rows(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, ": [T, H] with contiguous rows");
+}
+
+// ---- RMSNorm ------------------------------------------------------------------------------------------------
+
+// y = w * round(x / rms(x)), as the reference: the normalized row in x's dtype, then the product in it.
+template <typename T>
+VECTOR_TARGET void norm_row(const T* x, const T* w, T* y, int64_t H, float eps) {
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < H; ++i) squares += to_float(x[i]) * to_float(x[i]);
+  const float inverse_rms = 1.f / std::sqrt(squares / static_cast<float>(H) + eps);
+  for (int64_t i = 0; i < H; ++i) y[i] = from_float<T>(to_float(w[i]) * rounded<T>(to_float(x[i]) * inverse_rms));
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(1),
+              "weight: [H] contiguous, in x's dtype");
+  auto y = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t T = x.size(0), H = x.size(1), stride = x.stride(0);
+  for_dtype(x, [&](auto tag) {
+    using E = decltype(tag);
+    const E *xp = ptr<E>(x), *wp = ptr<E>(weight);
+    E* yp = ptr<E>(y);
+    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) norm_row(xp + t * stride, wp, yp + t * H, H, static_cast<float>(eps));
+    });
+  });
+  return y;
+}
+
+// (rms_norm(x + residual), x + residual), the sum rounded to x's dtype first as the reference's add does.
+template <typename T>
+VECTOR_TARGET void add_row(const T* x, const T* residual, T* sum, int64_t H) {
+  for (int64_t i = 0; i < H; ++i) sum[i] = from_float<T>(to_float(x[i]) + to_float(residual[i]));
+}
+
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& residual,
+                                                      const torch::Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_rows(residual, "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
+              "residual: the shape and dtype of x");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(1),
+              "weight: [H] contiguous, in x's dtype");
+  auto y = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  auto sum = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t T = x.size(0), H = x.size(1);
+  for_dtype(x, [&](auto tag) {
+    using E = decltype(tag);
+    const E *xp = ptr<E>(x), *rp = ptr<E>(residual), *wp = ptr<E>(weight);
+    E *yp = ptr<E>(y), *sp = ptr<E>(sum);
+    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        add_row(xp + t * x.stride(0), rp + t * residual.stride(0), sp + t * H, H);
+        norm_row(sp + t * H, wp, yp + t * H, H, static_cast<float>(eps));
+      }
+    });
+  });
+  return {y, sum};
+}
+
+// ---- gated activations --------------------------------------------------------------------------------------
+
+// round(act(gate)) * up, rounded: the reference's two ops in x's dtype.
+template <typename T, bool Gelu>
+VECTOR_TARGET void gated_row(const T* gate, const T* up, T* y, int64_t I) {
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = to_float(gate[i]);
+    float a;
+    if (Gelu) {  // tanh approximation
+      a = 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    } else {
+      a = g / (1.f + std::exp(-g));
+    }
+    y[i] = from_float<T>(rounded<T>(a) * to_float(up[i]));
+  }
+}
+
+torch::Tensor gated_activation(const torch::Tensor& gate_up, bool gelu) {
+  check_rows(gate_up, "gate_up");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up: an even number of columns");
+  auto y = torch::empty({T, I}, gate_up.options());
+  for_dtype(gate_up, [&](auto tag) {
+    using E = decltype(tag);
+    const E* gp = ptr<E>(gate_up);
+    E* yp = ptr<E>(y);
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const E* row = gp + t * gate_up.stride(0);
+        gelu ? gated_row<E, true>(row, row + I, yp + t * I, I) : gated_row<E, false>(row, row + I, yp + t * I, I);
+      }
+    });
+  });
+  return y;
+}
+
+torch::Tensor silu_and_mul(const torch::Tensor& gate_up) { return gated_activation(gate_up, false); }
+torch::Tensor gelu_tanh_and_mul(const torch::Tensor& gate_up) { return gated_activation(gate_up, true); }
+
+// ---- rotary embedding ---------------------------------------------------------------------------------------
+
+// Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), per head of each token.
+template <typename T>
+VECTOR_TARGET void rotate_head(const T* x, const float* cos, const float* sin, T* y, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+    y[i] = from_float<T>(x1 * cos[i] - x2 * sin[i]);
+    y[i + half] = from_float<T>(x2 * cos[i] + x1 * sin[i]);
+  }
+}
+
+torch::Tensor rotary_embedding(const torch::Tensor& positions, const torch::Tensor& x, const torch::Tensor& cos,
+                               const torch::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "x: [T, H, D] with contiguous heads");
+  TORCH_CHECK(positions.scalar_type() == torch::kLong && positions.dim() == 1 && positions.numel() == x.size(0),
+              "positions: int64 [T]");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.sizes() == sin.sizes() && cos.size(1) * 2 == x.size(2),
+              "cos, sin: float32 [P, D/2] contiguous");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  auto y = torch::empty({T, H, D}, x.options());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t], " is outside the rotary table (",
+                cos.size(0), " positions)");
+  }
+  for_dtype(x, [&](auto tag) {
+    using E = decltype(tag);
+    const E* xp = ptr<E>(x);
+    E* yp = ptr<E>(y);
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float *c = cos.data_ptr<float>() + pos[t] * half, *s = sin.data_ptr<float>() + pos[t] * half;
+        for (int64_t h = 0; h < H; ++h) rotate_head(xp + t * x.stride(0) + h * D, c, s, yp + (t * H + h) * D, half);
+      }
+    });
+  });
+  return y;
+}
+
+// ---- paged KV cache -----------------------------------------------------------------------------------------
+
+// Caches are [num_blocks, Hkv, block_size, D]; an int8 cache has float32 scales [num_blocks, Hkv, block_size, 1].
+struct CacheView {
+  const torch::Tensor& data;
+  const c10::optional<torch::Tensor>& scales;
+  int64_t heads, block_size, D;
+  CacheView(const torch::Tensor& d, const c10::optional<torch::Tensor>& s)
+      : data(d), scales(s), heads(d.size(1)), block_size(d.size(2)), D(d.size(3)) {}
+  int64_t vector_index(int64_t block, int64_t head, int64_t offset) const {
+    return (block * heads + head) * block_size + offset;
+  }
+};
+
+void check_cache(const torch::Tensor& cache, const c10::optional<torch::Tensor>& scales, const char* name) {
+  TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous(), name, ": [num_blocks, Hkv, block_size, D] contiguous");
+  if (scales.has_value()) {
+    TORCH_CHECK(cache.scalar_type() == torch::kChar, name, ": an int8 cache with scales");
+    TORCH_CHECK(scales->scalar_type() == torch::kFloat && scales->is_contiguous() &&
+                    scales->numel() == cache.numel() / cache.size(3),
+                name, " scales: float32 [num_blocks, Hkv, block_size, 1]");
+  }
+}
+
+// One head vector into its slot: copied, or quantized (absmax / 127 per vector, as quantize_kv).
+template <typename T, typename C>
+VECTOR_TARGET void store_vector(const T* v, C* slot, float* scale, int64_t D) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+    for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(to_float(v[i])));
+    const float s = std::max(amax / 127.f, 1e-8f);
+    for (int64_t i = 0; i < D; ++i) {
+      slot[i] = static_cast<int8_t>(std::clamp(std::nearbyint(to_float(v[i]) / s), -127.f, 127.f));
+    }
+    *scale = s;
+  } else {
+    std::memcpy(slot, v, D * sizeof(T));
+  }
+}
+
+void write_kv(torch::Tensor key_cache, torch::Tensor value_cache, const c10::optional<torch::Tensor>& key_scales,
+              const c10::optional<torch::Tensor>& value_scales, const torch::Tensor& slot_blocks,
+              const torch::Tensor& slot_offsets, const torch::Tensor& k, const torch::Tensor& v) {
+  check_cache(key_cache, key_scales, "key_cache");
+  check_cache(value_cache, value_scales, "value_cache");
+  const int64_t T = k.size(0), heads = key_cache.size(1), D = key_cache.size(3);
+  TORCH_CHECK(slot_blocks.scalar_type() == torch::kLong && slot_offsets.scalar_type() == torch::kLong &&
+                  slot_blocks.numel() == T && slot_offsets.numel() == T && slot_blocks.is_contiguous() &&
+                  slot_offsets.is_contiguous(),
+              "slot_blocks, slot_offsets: int64 [T] contiguous");
+  const int64_t *blocks = slot_blocks.data_ptr<int64_t>(), *offsets = slot_offsets.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(blocks[t] >= 0 && blocks[t] < key_cache.size(0) && offsets[t] >= 0 && offsets[t] < key_cache.size(2),
+                "slot (", blocks[t], ", ", offsets[t], ") is outside the cache");
+  }
+  for (auto* pair : {&k, &v}) {
+    const torch::Tensor& t = *pair;
+    TORCH_CHECK(t.dim() == 3 && t.size(1) == heads && t.size(2) == D && t.stride(2) == 1 && t.stride(1) == D,
+                "k, v: [T, Hkv, D] with contiguous heads");
+  }
+  auto store = [&](torch::Tensor& cache, const c10::optional<torch::Tensor>& scales, const torch::Tensor& values) {
+    const CacheView view(cache, scales);
+    for_dtype(values, [&](auto tag) {
+      using E = decltype(tag);
+      const E* src = ptr<E>(values);
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t index = view.vector_index(blocks[t], h, offsets[t]);
+          const E* vec = src + t * values.stride(0) + h * D;
+          if (scales.has_value()) {
+            store_vector(vec, cache.data_ptr<int8_t>() + index * D, scales->data_ptr<float>() + index, D);
+          } else {
+            TORCH_CHECK(cache.scalar_type() == values.scalar_type(), "a float cache holds the keys' dtype");
+            store_vector(vec, ptr<E>(cache) + index * D, nullptr, D);
+          }
+        }
+      }
+    });
+  };
+  store(key_cache, key_scales, k);
+  store(value_cache, value_scales, v);
+}
+
+// ---- decode attention ---------------------------------------------------------------------------------------
+
+// 8 cached values as float32: a float, bfloat16 or int8 cache.
+VECTOR_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+VECTOR_TARGET inline __m256 load8(const bf16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+VECTOR_TARGET inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline float scalar(float v) { return v; }
+inline float scalar(bf16 v) { return to_float(v); }
+inline float scalar(int8_t v) { return static_cast<float>(v); }
+
+VECTOR_TARGET inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <typename C>
+VECTOR_TARGET inline float dot(const float* q, const C* k, int64_t D) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(k + i + 8), acc1);
+  }
+  float sum = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < D; ++i) sum += q[i] * scalar(k[i]);
+  return sum;
+}
+
+// out += weight * v
+template <typename C>
+VECTOR_TARGET inline void add_scaled(float* out, const C* v, float weight, int64_t D) {
+  const __m256 w = _mm256_set1_ps(weight);
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(w, load8(v + i), _mm256_loadu_ps(out + i)));
+  for (; i < D; ++i) out[i] += weight * scalar(v[i]);
+}
+
+// One sequence, one KV head, its G query heads: scores for every visible position, softmax, weighted values.
+template <typename Q, typename C>
+VECTOR_TARGET void attend(const Q* q, int64_t q_head_stride, const C* keys, const C* values, const float* key_scales,
+                          const float* value_scales, const CacheView& view, const int64_t* table, int64_t head,
+                          int64_t first, int64_t length, int64_t G, float scale, Q* out, std::vector<float>& work) {
+  const int64_t D = view.D, span = length - first;
+  work.resize(G * (D + span));
+  float* qf = work.data();         // [G, D] the queries in float32
+  float* scores = qf + G * D;      // [G, span]
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < D; ++i) qf[g * D + i] = to_float(q[g * q_head_stride + i]);
+  for (int64_t p = first; p < length; ++p) {
+    const int64_t index = view.vector_index(table[p / view.block_size], head, p % view.block_size);
+    const float k_scale = key_scales ? key_scales[index] : 1.f;
+    for (int64_t g = 0; g < G; ++g) scores[g * span + p - first] = dot(qf + g * D, keys + index * D, D) * k_scale * scale;
+  }
+  std::vector<float> acc(D);
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores + g * span;
+    const float top = *std::max_element(s, s + span);
+    float total = 0.f;
+    for (int64_t j = 0; j < span; ++j) s[j] = std::exp(s[j] - top);
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < span; ++j) total += s[j];
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t p = first; p < length; ++p) {
+      const int64_t index = view.vector_index(table[p / view.block_size], head, p % view.block_size);
+      add_scaled(acc.data(), values + index * D, s[p - first] * (value_scales ? value_scales[index] : 1.f), D);
+    }
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] = from_float<Q>(acc[i] / total);
+  }
+}
+
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& key_cache,
+                                     const torch::Tensor& value_cache, const c10::optional<torch::Tensor>& key_scales,
+                                     const c10::optional<torch::Tensor>& value_scales,
+                                     const torch::Tensor& block_tables, const std::vector<int64_t>& context_lens,
+                                     double scale, c10::optional<int64_t> sliding_window) {
+  check_cache(key_cache, key_scales, "key_cache");
+  check_cache(value_cache, value_scales, "value_cache");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q: [B, Hq, D] with contiguous heads");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = key_cache.size(1), bs = key_cache.size(2);
+  TORCH_CHECK(key_cache.size(3) == D && Hq % Hkv == 0, "q heads ", Hq, " x ", D, " do not match the cache's ", Hkv,
+              " x ", key_cache.size(3));
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && block_tables.dim() == 2 && block_tables.size(0) == B &&
+                  block_tables.stride(1) == 1,
+              "block_tables: int64 [B, nb]");
+  TORCH_CHECK(static_cast<int64_t>(context_lens.size()) == B, "context_lens: one length per sequence");
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(context_lens[b] >= 1 && context_lens[b] <= block_tables.size(1) * bs, "sequence ", b, ": length ",
+                context_lens[b], " does not fit its ", block_tables.size(1), " blocks");
+    const int64_t* table = block_tables.data_ptr<int64_t>() + b * block_tables.stride(0);
+    for (int64_t j = 0; j < (context_lens[b] + bs - 1) / bs; ++j) {
+      TORCH_CHECK(table[j] >= 0 && table[j] < key_cache.size(0), "sequence ", b, ": block ", table[j],
+                  " is outside the cache");
+    }
+  }
+  const int64_t G = Hq / Hkv;
+  auto out = torch::empty({B, Hq, D}, q.options());
+  const CacheView keys(key_cache, key_scales), values(value_cache, value_scales);
+  const float* ks = key_scales ? key_scales->data_ptr<float>() : nullptr;
+  const float* vs = value_scales ? value_scales->data_ptr<float>() : nullptr;
+  for_dtype(q, [&](auto qtag) {
+    using QT = decltype(qtag);
+    auto run = [&](auto ctag) {
+      using CT = decltype(ctag);
+      const CT *kp = reinterpret_cast<const CT*>(key_cache.data_ptr()), *vp = reinterpret_cast<const CT*>(value_cache.data_ptr());
+      at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> work;
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / Hkv, h = task % Hkv, length = context_lens[b];
+          const int64_t first = sliding_window ? std::max<int64_t>(0, length - *sliding_window) : 0;
+          attend(ptr<QT>(q) + b * q.stride(0) + h * G * D, D, kp, vp, ks, vs, keys,
+                 block_tables.data_ptr<int64_t>() + b * block_tables.stride(0), h, first, length, G,
+                 static_cast<float>(scale), ptr<QT>(out) + (b * Hq + h * G) * D, work);
+        }
+      });
+    };
+    if (key_scales.has_value()) {
+      run(int8_t{});
+    } else {
+      TORCH_CHECK(key_cache.scalar_type() == q.scalar_type(), "a float cache holds q's dtype");
+      run(QT{});
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+void register_decode_ops(pybind11::module& m) {
+  m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("silu_and_mul", &silu_and_mul);
+  m.def("gelu_tanh_and_mul", &gelu_tanh_and_mul);
+  m.def("rotary_embedding", &rotary_embedding);
+  m.def("write_kv", &write_kv);
+  m.def("paged_decode_attention", &paged_decode_attention);
+}
