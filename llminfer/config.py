@@ -402,6 +402,7 @@ class QuantizationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "quantization config") -> "QuantizationConfig":
+        data = {"int8_lm_head": False, **data}  # saved before int8 LM heads: its head is stored float
         _check_fields(cls, data, source)
         try:
             return cls(**data)

@@ -150,12 +150,30 @@ def tiny_chat_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def emulated_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float64: x quantized per block of 32 (|max| / 127, round half to even), exact integer dot per block."""
+def int8_activation_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64: x [M, K] quantized per block of 32 as our kernels do (|max| / 127, round half to even) ->
+    (levels [M, K/32, 32], scales [M, K/32])."""
     m, k = x.shape
     blocks = x.double().reshape(m, k // 32, 32)
     block_scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
     xq = torch.where(block_scale > 0, torch.round(blocks / block_scale), torch.zeros_like(blocks))
-    w = qweight.double().reshape(qweight.shape[0], k // 32, 32)
+    return xq, block_scale.squeeze(-1)
+
+
+def emulated_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float64: int8 activation blocks times int8 weights, exact integer dot per block, then both scales."""
+    xq, block_scale = int8_activation_blocks(x)
+    w = qweight.double().reshape(qweight.shape[0], x.shape[1] // 32, 32)
     per_block = torch.einsum("mbi,nbi->mnb", xq, w)  # exact in float64 (|sum| < 2**20)
-    return (per_block * block_scale.squeeze(-1)[:, None, :]).sum(-1) * scales.double()
+    return (per_block * block_scale[:, None, :]).sum(-1) * scales.double()
+
+
+def emulated_int4_linear(x: torch.Tensor, levels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """float64: int8 activation blocks times int4 levels [N, K] with the blocks32 table's (scale, min) per block:
+    sum_b dx_b (s_b dot(q, xq) + m_b sum(xq))."""
+    xq, dx = int8_activation_blocks(x)
+    q = levels.double().reshape(levels.shape[0], x.shape[1] // 32, 32)
+    t = table.double()[:, : x.shape[1] // 32]
+    dot = torch.einsum("mbi,nbi->mnb", xq, q)
+    sums = xq.sum(-1)  # [M, K/32]
+    return (dx[:, None] * (dot * t[None, :, :, 0] + sums[:, None] * t[None, :, :, 1])).sum(-1)

@@ -13,12 +13,15 @@ from conftest import emulated_int8_linear
 
 from llminfer import LLM, AutoModel, SamplingParams
 from llminfer.errors import ConfigError
-from llminfer.ops import OPS, describe_ops, parse_ops_spec, resolve_ops
+from llminfer.ops import OPS, cpu_kernels, describe_ops, parse_ops_spec, resolve_ops
 from llminfer.ops.registry import Implementation
 
 REQUIRED_OPS = {"rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "gelu_tanh_and_mul", "write_kv",
                 "paged_decode_attention", "prefill_attention", "linear", "int8_weight_linear",
                 "int4_weight_linear", "int8_int8_linear"}
+
+
+KERNELS = cpu_kernels.unavailable_reason() is None  # our C++ kernels build and run here (the default then)
 
 
 def every_implementation(name: str):
@@ -122,12 +125,13 @@ def test_spec_strings_and_mappings_select_implementations():
         "rms_norm": "reference", "paged_decode_attention": "batched"}
     chosen = resolve_ops({"paged_decode_attention": "reference"}).names()
     assert chosen["paged_decode_attention"] == "reference" and set(chosen) == set(OPS)
-    assert resolve_ops(None).names()["paged_decode_attention"] == "batched"  # the highest priority
+    # the highest priority that runs here: our C++ kernel, else the batched PyTorch one
+    assert resolve_ops(None).names()["paged_decode_attention"] == ("cpu" if KERNELS else "batched")
 
 
 @pytest.mark.parametrize("spec,message", [
     ("no_such_op=reference", r"unknown op 'no_such_op' \(known: .*rms_norm"),
-    ("rms_norm=fast", r"op 'rms_norm' has no implementation 'fast' \(implementations: reference\)"),
+    ("rms_norm=fast", r"op 'rms_norm' has no implementation 'fast' \(implementations: reference, cpu\)"),
     ("rms_norm", r"expected OP=IMPLEMENTATION"),
 ])
 def test_bad_specs_are_refused_naming_what_is_valid(spec, message):
@@ -146,18 +150,19 @@ def cuda_only_rms_norm(monkeypatch):
 def test_an_unavailable_implementation_is_refused_when_asked_and_skipped_as_default(cuda_only_rms_norm, caplog):
     with pytest.raises(ConfigError, match=r"rms_norm=cuda_fused is not available here: runs on cuda, not cpu"):
         resolve_ops("rms_norm=cuda_fused", "cpu")
-    assert resolve_ops(None, "cpu").names()["rms_norm"] == "reference"
+    default = "cpu" if KERNELS else "reference"
+    assert resolve_ops(None, "cpu").names()["rms_norm"] == default
     missing = Implementation("needs_avx9", lambda x, w, eps: x, ("cpu",), 50, lambda: "no AVX-9 on this CPU", None)
     OPS["rms_norm"].implementations["needs_avx9"] = missing
     try:
         with caplog.at_level(logging.INFO, logger="llminfer.ops.registry"):
-            assert resolve_ops(None, "cpu").names()["rms_norm"] == "reference"
+            assert resolve_ops(None, "cpu").names()["rms_norm"] == default
         skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
         assert skipped == ["op rms_norm: skipping implementation 'needs_avx9' (no AVX-9 on this CPU)"]
     finally:
         del OPS["rms_norm"].implementations["needs_avx9"]
     rows = {row["op"]: row for row in describe_ops("cpu")}
-    assert rows["rms_norm"]["chosen"] == "reference"
+    assert rows["rms_norm"]["chosen"] == default
     assert {i["name"]: i["unavailable"] for i in rows["rms_norm"]["implementations"]}["cuda_fused"] == \
         "runs on cuda, not cpu"
 
@@ -167,7 +172,7 @@ def test_cli_refuses_an_unknown_op_in_one_line_with_exit_2(tiny_llama_folder):
                              "--ops", "rms_norm=fast", "hello"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "llminfer: error: ops: op 'rms_norm' has no implementation 'fast' (implementations: reference)"]
+        "llminfer: error: ops: op 'rms_norm' has no implementation 'fast' (implementations: reference, cpu)"]
 
 
 def test_info_ops_lists_every_op_and_the_chosen_implementation():
@@ -175,7 +180,7 @@ def test_info_ops_lists_every_op_and_the_chosen_implementation():
     assert result.returncode == 0, result.stderr
     for name in REQUIRED_OPS:
         assert f"\n{name}: {name}(" in result.stdout
-    assert "* batched" in result.stdout and "  reference" in result.stdout
+    assert ("* cpu" if KERNELS else "* batched") in result.stdout and "  reference" in result.stdout
 
 
 def test_the_choice_reaches_every_layer_without_touching_the_model_file(tiny_llama_folder):
@@ -205,6 +210,6 @@ def test_ops_are_single_opaque_nodes_under_torch_compile(tiny_llama_folder):
     x = torch.randn(3, model.config.hidden_size)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), mlp(norm(x)))
-    assert "llminfer.rms_norm_reference.default" in targets
-    assert "llminfer.silu_and_mul_reference.default" in targets
-    assert "llminfer.linear_reference.default" in targets
+    chosen = model.ops.names()
+    for op in ("rms_norm", "silu_and_mul", "linear"):
+        assert f"llminfer.{op}_{chosen[op]}.default" in targets

@@ -33,6 +33,9 @@ class QuantizationMethod(Protocol):
     def create_layer(self, in_features: int, out_features: int, bias: bool, ops: OpSet) -> nn.Module:
         """An empty quantized layer, filled from a quantized checkpoint."""
 
+    def create_lm_head(self, in_features: int, out_features: int, ops: OpSet) -> nn.Module | None:
+        """The quantized LM head of this scheme's checkpoints, or None where it is kept float."""
+
 
 class LayerFactory:
     def __init__(self, ops: OpSet, quantization: QuantizationMethod | None = None,
@@ -74,9 +77,9 @@ class LayerFactory:
     def lm_head(self, prefix: str, hidden_size: int, vocab_size: int) -> nn.Module:
         """Logits over the vocabulary; a rank computes its slice and the slices are gathered."""
         rows = vocab_size if self.plan is None else vocab_size // self.plan.world_size
-        quantized = self.quantization is not None and self.quantization.covers("lm_head")
-        layer = (self.quantization.create_layer(hidden_size, rows, False, self.ops) if quantized
-                 else Linear(hidden_size, rows, ops=self.ops))
+        layer = self.quantization.create_lm_head(hidden_size, rows, self.ops) if self.quantization else None
+        if layer is None:
+            layer = Linear(hidden_size, rows, ops=self.ops)
         if self.plan is not None:
             layer.parallel = self._vocab_share()
         layer.prefix, layer.role = prefix, "lm_head"

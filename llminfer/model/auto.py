@@ -107,8 +107,6 @@ def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
 
         RTN(PTQConfig.for_scheme(quantization, group_size=on_the_fly_group_size(quantization),
                                  compute_dtype=dtype)).convert(network)
-    if network.quantization is not None and network.quantization.int8_lm_head:
-        network.quantize_float_lm_head()
     network.tokenizer = checkpoint.tokenizer()
     return network
 

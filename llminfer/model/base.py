@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -43,17 +42,6 @@ class CausalLM(nn.Module):
         self.lm_head = layers.lm_head("lm_head", self.config.hidden_size, self.config.vocab_size)
         if self.config.tie_word_embeddings and isinstance(self.lm_head, Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def quantize_float_lm_head(self) -> None:
-        """A quantized model's float LM head made int8 per output channel (A16W8), the largest matrix of a small
-        model streamed once per decode step at a quarter of the float32 bytes; an LM head tied to the embedding gets
-        its own int8 copy (the embedding stays float for the lookup)."""
-        if not isinstance(self.lm_head, Linear):
-            return
-        from llminfer.quantization.layers import Int8WeightOnlyLinear
-
-        config = replace(self.quantization, scheme="a16w8", group_size=None, algorithm="rtn", smoothing=False)
-        self.lm_head = Int8WeightOnlyLinear.from_float(self.lm_head, config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)  # [T] ids -> [T, H] final hidden states

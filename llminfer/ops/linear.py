@@ -78,6 +78,8 @@ class Int4Layout:
     pack: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
     # (qweight, table, group size, K) -> the levels uint8 [N, K] again
     levels: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+    # (table, group size, K) -> (scale, zero) float32 [N, K/g] that pack back to the same table bit for bit
+    grid: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _pack_tinygemm(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
@@ -105,6 +107,15 @@ def _tinygemm_levels(qweight: torch.Tensor, table: torch.Tensor, group_size: int
     return (torch.cat(rows).T.float() + 8).round().to(torch.uint8)
 
 
+def _tinygemm_grid(table: torch.Tensor, group_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    table = table.float().transpose(0, 1)  # [N, K/g, 2]
+    scale = table[..., 0]
+    return scale, 8 - table[..., 1] / scale
+
+
+SMALLEST_FLOAT16_SCALE = 2.0 ** -24  # the smallest float16 above zero: a scale never rounds to 0
+
+
 def _pack_blocks32(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Our kernel's layout (ops/csrc/quantized_linear.cpp): K padded to 64; each 64 levels are 32 bytes, the first
@@ -115,10 +126,10 @@ def _pack_blocks32(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     blocks = F.pad(levels, (0, padded - k)).view(n, padded // 64, 2, 32)
     qweight = (blocks[:, :, 0] | blocks[:, :, 1] << 4).reshape(n, padded // 2).contiguous()
     per_block = group_size // 32
-    s = scale.float().repeat_interleave(per_block, dim=1)
-    m = -zero.float().repeat_interleave(per_block, dim=1) * s
-    table = F.pad(torch.stack([s, m], dim=-1), (0, 0, 0, padded // 32 - k // 32))
-    return qweight, table.half().contiguous()
+    s = scale.half().clamp(min=SMALLEST_FLOAT16_SCALE)  # what the table holds, so that the grid reads back exactly
+    m = (-zero.float() * scale.float()).half()
+    table = torch.stack([s, m], dim=-1).repeat_interleave(per_block, dim=1)  # [N, K/32, 2]
+    return qweight, F.pad(table, (0, 0, 0, padded // 32 - k // 32)).contiguous()
 
 
 def _blocks32_levels(qweight: torch.Tensor, table: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
@@ -127,8 +138,14 @@ def _blocks32_levels(qweight: torch.Tensor, table: torch.Tensor, group_size: int
     return torch.cat([pairs & 15, pairs >> 4], dim=2).reshape(n, -1)[:, :k].contiguous()
 
 
-INT4_LAYOUTS = {"tinygemm": Int4Layout(_pack_tinygemm, _tinygemm_levels),
-                "blocks32": Int4Layout(_pack_blocks32, _blocks32_levels)}
+def _blocks32_grid(table: torch.Tensor, group_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    first_blocks = table[:, : k // 32 : group_size // 32].float()  # each group's first block
+    scale = first_blocks[..., 0]
+    return scale, -first_blocks[..., 1] / scale
+
+
+INT4_LAYOUTS = {"tinygemm": Int4Layout(_pack_tinygemm, _tinygemm_levels, _tinygemm_grid),
+                "blocks32": Int4Layout(_pack_blocks32, _blocks32_levels, _blocks32_grid)}
 
 
 @implement("int4_weight_linear", "reference", weight_layout="tinygemm")

@@ -139,8 +139,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     The checkpoint holds levels packed plainly ([N, K/2], even column in the low nibble), scales [N, K/g] in
     the compute dtype and float32 zero points [N, K/g]. After loading, the levels and the grid are packed into the
-    weight layout of the OpSet's int4 implementation (`qweight` and `table`, ops.linear.INT4_LAYOUTS); the scales
-    and zero points are kept as loaded, so that a save gives back the same checkpoint bit for bit.
+    weight layout of the OpSet's int4 implementation (`qweight` and `table`, ops.linear.INT4_LAYOUTS); a save reads
+    levels, scales and zero points back from that layout, and they pack to the same tensors again bit for bit.
     """
 
     scheme = "a16w4"
@@ -169,9 +169,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         device = linear.weight.device
         layer.to(device)
         layer._load_plain_qweight(layer.qweight, Q.pack_int4(q.to(device)))
-        # scales as the checkpoint stores them (the compute dtype), so that what runs is what a reload runs
-        layer.scales.data = scale.to(layer.compute_dtype).float().to(device)
-        layer.zeros.data = zero.float().to(device)
+        layer.scales.data, layer.zeros.data = scale.float().to(device), zero.float().to(device)
         layer.process_weights_after_loading()
         layer._take_place_of(linear)
         return layer
@@ -197,14 +195,17 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         levels = Q.unpack_int4(self.qweight.data)
         self.qweight.data, self.table = self.layout.pack(levels, self.scales.data, self.zeros.data, self.group_size,
                                                          self.compute_dtype)
+        self.scales = self.zeros = None  # in the table now; free them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ops.int4_weight_linear(self._flat(x), self.qweight, self.group_size, self.table)
         return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        # float32 scales: the table's exactly (float16 or the compute dtype), so that a reload packs the same table
         levels = self.layout.levels(self.qweight, self.table, self.group_size, self.in_features)
-        return {"qweight": Q.pack_int4(levels), "scales": self.scales.to(self.compute_dtype), "zeros": self.zeros}
+        scale, zero = self.layout.grid(self.table, self.group_size, self.in_features)
+        return {"qweight": Q.pack_int4(levels), "scales": scale, "zeros": zero}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"

@@ -8,6 +8,8 @@ its names, dtypes and group sizes in llminfer.schemes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from llminfer.config import QuantizationConfig
@@ -26,3 +28,18 @@ class QuantizationMethod:
 
     def create_layer(self, in_features: int, out_features: int, bias: bool, ops: OpSet) -> nn.Module:
         return self.layer_class.empty(in_features, out_features, bias, self.config, ops)
+
+    def create_lm_head(self, in_features: int, out_features: int, ops: OpSet) -> nn.Module | None:
+        """The LM head: in the scheme when the config quantizes it, else int8 per channel (A16W8) unless the config
+        keeps it in the compute dtype (None: a float head)."""
+        if self.covers("lm_head"):
+            return self.create_layer(in_features, out_features, False, ops)
+        if self.config.int8_lm_head:
+            return QUANTIZED_LAYERS["a16w8"].empty(in_features, out_features, False, int8_lm_head_config(self.config),
+                                                   ops)
+        return None
+
+
+def int8_lm_head_config(config: QuantizationConfig) -> QuantizationConfig:
+    """What an int8 LM head beside another scheme is: A16W8 in the same compute dtype."""
+    return replace(config, scheme="a16w8", group_size=None, algorithm="rtn", smoothing=False, calibration=None)

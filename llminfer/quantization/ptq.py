@@ -23,7 +23,9 @@ from llminfer.quantization import functional as Q
 from llminfer.quantization.apply import cast_float_parts, replace_module, target_linears
 from llminfer.quantization.calibration import CalibrationData, calibration_data
 from llminfer.quantization.config import PTQConfig, QuantizationConfig
+from llminfer.layers.linear import Linear
 from llminfer.quantization.layers import QUANTIZED_LAYERS
+from llminfer.quantization.methods import int8_lm_head_config
 
 Calibration = str | Sequence[str] | Sequence[Sequence[int]] | None
 
@@ -63,6 +65,10 @@ class PostTrainingQuantizer:
             with torch.no_grad():
                 layer = layer_class.from_float(linear, qconfig, **self._layer_state(name, linear, qconfig))
             replace_module(model, name, layer)
+        if qconfig.int8_lm_head and not qconfig.quantize_lm_head and isinstance(model.lm_head, Linear):
+            # The largest matrix of a small model, streamed once per decode step: int8 per channel (A16W8), its
+            # own copy when tied to the embedding (which stays float for the lookup).
+            model.lm_head = QUANTIZED_LAYERS["a16w8"].from_float(model.lm_head, int8_lm_head_config(qconfig))
         cast_float_parts(model, DTYPES[qconfig.compute_dtype])
         model.quantization = qconfig
         self._stats.clear()
