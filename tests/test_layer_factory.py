@@ -53,7 +53,9 @@ def test_a_quantization_method_builds_its_schemes_layer_for_projections_only(con
     layers = LayerFactory(OPS, QuantizationMethod(config))
     assert type(layers.column("m.up", 64, 128, "intermediate")) is layer_class
     assert type(layers.row("m.down", 128, 64, "intermediate")) is layer_class
-    assert type(layers.lm_head("lm_head", 64, 256)) is Linear  # unless the config quantizes the LM head
+    assert type(layers.lm_head("lm_head", 64, 256)) is Int8WeightOnlyLinear  # int8 beside any scheme...
+    kept_float = QuantizationConfig(config.scheme, config.group_size, int8_lm_head=False)
+    assert type(LayerFactory(OPS, QuantizationMethod(kept_float)).lm_head("lm_head", 64, 256)) is Linear  # ...or not
     assert type(layers.replicated("m.gate", 64, 4)) is Linear
     with_head = LayerFactory(OPS, QuantizationMethod(QuantizationConfig(config.scheme, config.group_size,
                                                                         quantize_lm_head=True)))

@@ -101,6 +101,7 @@ def takes(*tensors: torch.Tensor) -> bool:
     return dtype in (torch.float32, torch.bfloat16) and all(t.dtype == dtype for t in tensors)
 
 
+@functools.cache
 def isa() -> str:
-    """The instruction set the kernels use: LLMINFER_CPU_ISA, or 'auto' (the best this CPU has)."""
+    """The instruction set the kernels use: LLMINFER_CPU_ISA (read once), or 'auto' (the best this CPU has)."""
     return os.environ.get("LLMINFER_CPU_ISA", "auto")

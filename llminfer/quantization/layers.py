@@ -128,7 +128,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ops.int8_weight_linear(self._flat(x), self.qweight, self.scales)
-        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+        return self._add_bias(y).reshape(*x.shape[:-1], -1)  # a vocabulary-parallel head gathers all
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scales": self.scales}
@@ -199,7 +199,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ops.int4_weight_linear(self._flat(x), self.qweight, self.group_size, self.table)
-        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+        return self._add_bias(y).reshape(*x.shape[:-1], -1)  # a vocabulary-parallel head gathers all
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         # float32 scales: the table's exactly (float16 or the compute dtype), so that a reload packs the same table
@@ -256,7 +256,7 @@ class Int8DynamicLinear(QuantizedLinear):
             flat = flat / self.smooth
         xq, x_scale = Q.quantize_int8_per_token(flat, self._row_absmax(flat))
         y = self.ops.int8_int8_linear(xq, x_scale, self.qweight, self.scales).to(x.dtype)
-        return self._add_bias(y).reshape(*x.shape[:-1], self.out_features)
+        return self._add_bias(y).reshape(*x.shape[:-1], -1)  # a vocabulary-parallel head gathers all
 
     def _row_absmax(self, flat: torch.Tensor) -> torch.Tensor:
         """Each token's largest activation magnitude, which sets its int8 scale (a row-parallel rank sees

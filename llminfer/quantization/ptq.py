@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 
 from llminfer.config import DTYPES
 from llminfer.errors import ConfigError
+from llminfer.layers.linear import Linear
 from llminfer.quantization import functional as Q
 from llminfer.quantization.apply import cast_float_parts, replace_module, target_linears
 from llminfer.quantization.calibration import CalibrationData, calibration_data
 from llminfer.quantization.config import PTQConfig, QuantizationConfig
-from llminfer.layers.linear import Linear
 from llminfer.quantization.layers import QUANTIZED_LAYERS
 from llminfer.quantization.methods import int8_lm_head_config
 
