@@ -409,28 +409,37 @@ def test_quantize_command_bad_input(tiny_llama_folder, tiny_chat_folder, tmp_pat
     assert "stored dtype       bfloat16" in info.stdout
 
 
-def test_a16w8_greedy_choices_on_smollm2_match_float32_wherever_float32_is_clear(smollm2_llm):
-    """The real model, quantized at load exactly as `llminfer quantize --scheme a16w8` does, in bfloat16."""
-    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "The three primary colors are",
-               "Once upon a time"]
+# How far float32 must prefer its token for the quantized model to be held to the same choice: int4 weights
+# move SmolLM2's logits by up to ~1 (its chat answer to "What is the capital of France?" starts with a 0.4 margin
+# between "The" and "L'" once quantized, which int8 activations or bfloat16 rounding decide either way).
+CLEAR_MARGIN = {"a16w8": 0.25, "a16w4": 1.0, "a8w8": 0.5}
+
+
+@pytest.mark.parametrize("scheme", list(CLEAR_MARGIN))
+def test_greedy_chat_choices_on_smollm2_match_float32_wherever_float32_is_clear(smollm2_llm, scheme):
+    """The real model quantized at load as `llminfer quantize --scheme S` does (RTN; a16w4 in groups of 32), in
+    its default bfloat16 compute with the default (kernel) ops, on chat prompts and plain ones."""
     from conftest import prefill_logits
 
+    tokenizer = smollm2_llm.tokenizer
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+               for text in ("What is the capital of France?", "Write a haiku about the sea.")]
+    prompts += ["def fibonacci(n):", "Water boils at", "The three primary colors are"]
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    quantized = LLM("smollm2-135m", quantization="a16w8", kv_cache_memory="64MiB")
-    assert quantized.model.quantization.scheme == "a16w8" and quantized.config.dtype == "bfloat16"
-    # Teacher-forced along float32's greedy text, so that one near-tie does not decide every later token (and
-    # the CPU's bfloat16 rounding does not decide the test): wherever float32 prefers its token by a clear
-    # margin, A16W8 picks the same. Measured on two CPUs: the only disagreements were at margins below 0.05.
+    quantized = LLM("smollm2-135m", quantization=scheme, kv_cache_memory="64MiB")
+    assert quantized.model.quantization.scheme == scheme and quantized.config.dtype == "bfloat16"
+    # Teacher-forced along float32's greedy text, so that one near-tie does not decide every later token: wherever
+    # float32 prefers its token by a clear margin, the quantized model picks the same.
     decided = agreed = 0
     for output in smollm2_llm.generate(prompts, params):
         prefixes = [output.prompt_token_ids + output.token_ids[:i] for i in range(len(output.token_ids))]
         exact, approx = prefill_logits(smollm2_llm.model, prefixes), prefill_logits(quantized.model, prefixes)
         best = exact.topk(2, dim=-1).values
-        clear = (best[:, 0] - best[:, 1]) > 0.25
+        clear = (best[:, 0] - best[:, 1]) > CLEAR_MARGIN[scheme]
         same = exact.argmax(-1) == approx.argmax(-1)
         assert same[clear].all(), (output.prompt, same.tolist())
         decided, agreed = decided + len(same), agreed + int(same.sum())
-    assert agreed >= 0.9 * decided
+    assert agreed >= 0.85 * decided
 
 
 def test_bench_latency_compares_quantized_folders_in_one_run(quant_folder, tmp_path):
