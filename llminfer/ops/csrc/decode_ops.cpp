@@ -60,6 +60,57 @@ void check_rows(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, ": [T, H] with contiguous rows");
 }
 
+// 8 cached values as float32: a float, bfloat16 or int8 cache.
+VECTOR_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+VECTOR_TARGET inline __m256 load8(const bf16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+VECTOR_TARGET inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline float scalar(float v) { return v; }
+inline float scalar(bf16 v) { return to_float(v); }
+inline float scalar(int8_t v) { return static_cast<float>(v); }
+
+VECTOR_TARGET inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 floats rounded to T and back (bfloat16: round to nearest even on the bits), as the reference's dtype rounds.
+VECTOR_TARGET inline __m256 round_as(__m256 v, float) { return v; }
+VECTOR_TARGET inline __m256 round_as(__m256 v, bf16) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+VECTOR_TARGET inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+VECTOR_TARGET inline void store8(bf16* p, __m256 v) {  // v already rounded: keep the top halves
+  const __m256i top = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+// e^x for 8 floats (Cephes' expf: 2^n times a degree-6 polynomial on |r| <= ln2 / 2; ~1 ulp), x clamped to
+// [-87, 88] so that 2^n stays a normal float.
+VECTOR_TARGET inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i two_to_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_to_n));
+}
+
 // ---- RMSNorm ------------------------------------------------------------------------------------------------
 
 // y = w * round(x / rms(x)), as the reference: the normalized row in x's dtype, then the product in it.
@@ -122,18 +173,32 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, co
 
 // ---- gated activations --------------------------------------------------------------------------------------
 
-// round(act(gate)) * up, rounded: the reference's two ops in x's dtype.
+// round(act(gate)) * up, rounded: the reference's two ops in x's dtype. SiLU g / (1 + e^-g); GELU with tanh,
+// tanh(y) = 1 - 2 / (e^2y + 1).
+template <typename T, bool Gelu>
+VECTOR_TARGET inline __m256 gated8(__m256 g, __m256 up) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  __m256 a;
+  if (Gelu) {
+    const __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                   _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), g), _mm256_mul_ps(g, g), g));
+    const __m256 tanh = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f),
+                                                         _mm256_add_ps(exp8(_mm256_add_ps(y, y)), one)));
+    a = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(one, tanh));
+  } else {
+    a = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+  }
+  return round_as(_mm256_mul_ps(round_as(a, T{}), up), T{});
+}
+
 template <typename T, bool Gelu>
 VECTOR_TARGET void gated_row(const T* gate, const T* up, T* y, int64_t I) {
-  for (int64_t i = 0; i < I; ++i) {
-    const float g = to_float(gate[i]);
-    float a;
-    if (Gelu) {  // tanh approximation
-      a = 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    } else {
-      a = g / (1.f + std::exp(-g));
-    }
-    y[i] = from_float<T>(rounded<T>(a) * to_float(up[i]));
+  int64_t i = 0;
+  for (; i + 8 <= I; i += 8) store8(y + i, gated8<T, Gelu>(load8(gate + i), load8(up + i)));
+  for (; i < I; ++i) {  // the tail, one at a time through the same arithmetic
+    float g[8] = {to_float(gate[i])}, u[8] = {to_float(up[i])}, out[8];
+    _mm256_storeu_ps(out, gated8<T, Gelu>(_mm256_loadu_ps(g), _mm256_loadu_ps(u)));
+    y[i] = from_float<T>(out[0]);
   }
 }
 
@@ -286,26 +351,6 @@ void write_kv(torch::Tensor key_cache, torch::Tensor value_cache, const c10::opt
 
 // ---- decode attention ---------------------------------------------------------------------------------------
 
-// 8 cached values as float32: a float, bfloat16 or int8 cache.
-VECTOR_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-VECTOR_TARGET inline __m256 load8(const bf16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-VECTOR_TARGET inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline float scalar(float v) { return v; }
-inline float scalar(bf16 v) { return to_float(v); }
-inline float scalar(int8_t v) { return static_cast<float>(v); }
-
-VECTOR_TARGET inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <typename C>
 VECTOR_TARGET inline float dot(const float* q, const C* k, int64_t D) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -339,24 +384,34 @@ VECTOR_TARGET void attend(const Q* q, int64_t q_head_stride, const C* keys, cons
   float* scores = qf + G * D;      // [G, span]
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < D; ++i) qf[g * D + i] = to_float(q[g * q_head_stride + i]);
-  for (int64_t p = first; p < length; ++p) {
-    const int64_t index = view.vector_index(table[p / view.block_size], head, p % view.block_size);
-    const float k_scale = key_scales ? key_scales[index] : 1.f;
-    for (int64_t g = 0; g < G; ++g) scores[g * span + p - first] = dot(qf + g * D, keys + index * D, D) * k_scale * scale;
-  }
+  // Positions block by block: a block's [block_size, D] vectors of this head are contiguous, and no division per
+  // position is needed to find them.
+  auto for_each_position = [&](auto&& body) {
+    for (int64_t p = first; p < length;) {
+      const int64_t block = p / view.block_size, offset = p % view.block_size;
+      const int64_t base = view.vector_index(table[block], head, 0);
+      const int64_t end = std::min(length, p - offset + view.block_size);
+      for (int64_t index = base + offset; p < end; ++p, ++index) body(p - first, index);
+    }
+  };
+  for_each_position([&](int64_t j, int64_t index) {
+    const float k_scale = (key_scales ? key_scales[index] : 1.f) * scale;
+    for (int64_t g = 0; g < G; ++g) scores[g * span + j] = dot(qf + g * D, keys + index * D, D) * k_scale;
+  });
   std::vector<float> acc(D);
   for (int64_t g = 0; g < G; ++g) {
     float* s = scores + g * span;
     const float top = *std::max_element(s, s + span);
     float total = 0.f;
-    for (int64_t j = 0; j < span; ++j) s[j] = std::exp(s[j] - top);
+    int64_t j = 0;
+    for (; j + 8 <= span; j += 8) _mm256_storeu_ps(s + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top))));
+    for (; j < span; ++j) s[j] = std::exp(s[j] - top);
 #pragma omp simd reduction(+ : total)
     for (int64_t j = 0; j < span; ++j) total += s[j];
     std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t p = first; p < length; ++p) {
-      const int64_t index = view.vector_index(table[p / view.block_size], head, p % view.block_size);
-      add_scaled(acc.data(), values + index * D, s[p - first] * (value_scales ? value_scales[index] : 1.f), D);
-    }
+    for_each_position([&](int64_t j, int64_t index) {
+      add_scaled(acc.data(), values + index * D, s[j] * (value_scales ? value_scales[index] : 1.f), D);
+    });
     for (int64_t i = 0; i < D; ++i) out[g * D + i] = from_float<Q>(acc[i] / total);
   }
 }
