@@ -284,3 +284,19 @@ def test_float32_greedy_tokens_of_smollm2_with_the_fused_ops_equal_the_reference
     reference = LLM("smollm2-135m", dtype="float32", ops=reference_ops().names(), kv_cache_memory="64MiB")
     assert [o.token_ids for o in smollm2_llm.generate(prompts, params)] == \
         [o.token_ids for o in reference.generate(prompts, params)]
+
+
+def test_a_failed_build_is_said_once_and_the_reference_ops_are_chosen(monkeypatch, caplog):
+    def failing_build():
+        raise RuntimeError("Error building extension\nquantized_linear.cpp:1:1: error: no compiler today\nninja: build "
+                           "stopped: subcommand failed.")
+
+    monkeypatch.setattr(cpu_kernels, "_build_error", None)
+    monkeypatch.setattr(cpu_kernels, "_load", failing_build)
+    with caplog.at_level("INFO"):
+        chosen = resolve_ops(None).names()
+    assert not any(impl.startswith("cpu") for impl in chosen.values())
+    assert chosen["paged_decode_attention"] == "batched" and chosen["int4_weight_linear"] == "reference"
+    failures = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert failures == ["the CPU kernels failed to build: quantized_linear.cpp:1:1: error: no compiler today; "
+                        "using the reference ops"]

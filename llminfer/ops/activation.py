@@ -31,14 +31,14 @@ def gelu_tanh_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-@implement("silu_and_mul", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+@implement("silu_and_mul", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
 def silu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() != 2 or not cpu_kernels.takes(gate_up):
         return silu_and_mul_reference(gate_up)
     return cpu_kernels.kernels().silu_and_mul(gate_up)
 
 
-@implement("gelu_tanh_and_mul", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+@implement("gelu_tanh_and_mul", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
 def gelu_tanh_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() != 2 or not cpu_kernels.takes(gate_up):
         return gelu_tanh_and_mul_reference(gate_up)

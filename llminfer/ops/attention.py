@@ -82,7 +82,7 @@ def write_kv_reference(key_cache: torch.Tensor, value_cache: torch.Tensor, key_s
             scales[slot_blocks, :, slot_offsets] = scale
 
 
-@implement("write_kv", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+@implement("write_kv", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
 def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key_scales: Optional[torch.Tensor],
                  value_scales: Optional[torch.Tensor], slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor) -> None:
@@ -169,7 +169,7 @@ def paged_decode_attention_batched(q: torch.Tensor, key_cache: torch.Tensor, val
 
 
 @implement("paged_decode_attention", "cpu", devices=("cpu",), priority=20,
-           requirement=cpu_kernels.unavailable_reason)
+           requirement=cpu_kernels.build_requirement)
 def paged_decode_attention_cpu(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                key_scales: Optional[torch.Tensor], value_scales: Optional[torch.Tensor],
                                block_tables: torch.Tensor, context_lens: list[int], num_shared: int,

@@ -39,6 +39,17 @@ def unavailable_reason() -> str | None:
 _build_error: str | None = None
 
 
+def build_requirement() -> str | None:
+    """The requirement of every implementation that calls these kernels: None once they are built (compiling them
+    now if this is the first use on this machine), else why they cannot run. Choosing an implementation thus never
+    picks one whose kernels then fail to load."""
+    reason = unavailable_reason()
+    if reason is None:
+        kernels()
+        reason = _build_error
+    return reason
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     try:

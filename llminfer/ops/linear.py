@@ -58,7 +58,7 @@ def _bf16_matmul_wins(x: torch.Tensor) -> bool:
 
 
 @implement("int8_weight_linear", "cpu_int8", devices=("cpu",), priority=10,
-           requirement=cpu_kernels.unavailable_reason)
+           requirement=cpu_kernels.build_requirement)
 def int8_weight_linear_cpu_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Activations quantized to int8 in blocks of 32 inside the kernel, int8 x int8 dot products, per-block and
     per-row scales (ops/csrc/quantized_linear.cpp; AVX2, AVX-VNNI or AVX-512 VNNI). K not a multiple of 32, or a
@@ -157,7 +157,7 @@ def int4_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, group_s
 
 
 @implement("int4_weight_linear", "cpu_int4", devices=("cpu",), priority=10, weight_layout="blocks32",
-           requirement=cpu_kernels.unavailable_reason)
+           requirement=cpu_kernels.build_requirement)
 def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_size: int,
                                 table: torch.Tensor) -> torch.Tensor:
     """Q4_1-style: activations quantized to int8 in blocks of 32 inside the kernel, unsigned levels x signed

@@ -28,7 +28,7 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return rms_norm_reference(summed, weight, eps), summed
 
 
-@implement("rms_norm", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+@implement("rms_norm", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """One pass per row (ops/csrc/decode_ops.cpp), the reference's rounding."""
     if x.dim() != 2 or not cpu_kernels.takes(x, weight):
@@ -36,7 +36,7 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return cpu_kernels.kernels().rms_norm(x, weight.contiguous(), eps)
 
 
-@implement("add_rms_norm", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.unavailable_reason)
+@implement("add_rms_norm", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
 def add_rms_norm_cpu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the norm in one pass per row."""
