@@ -300,3 +300,19 @@ def test_a_failed_build_is_said_once_and_the_reference_ops_are_chosen(monkeypatc
     failures = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert failures == ["the CPU kernels failed to build: quantized_linear.cpp:1:1: error: no compiler today; "
                         "using the reference ops"]
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_kernels.remove_stale_lock(tmp_path)  # someone is building right now: wait for them
+    assert lock.exists()
+    old = time.time() - cpu_kernels.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING"):
+        cpu_kernels.remove_stale_lock(tmp_path)
+    assert not lock.exists() and "by a build that did not finish" in caplog.text
+    cpu_kernels.remove_stale_lock(tmp_path)  # nothing to remove: nothing happens

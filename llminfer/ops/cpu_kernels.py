@@ -81,6 +81,7 @@ def _load() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     start = time.perf_counter()
+    remove_stale_lock(_build_directory())
     if not _built_before():
         print("llminfer: compiling the CPU kernels (first use on this machine, about a minute) ...",
               file=sys.stderr, flush=True)
@@ -91,13 +92,35 @@ def _load() -> ModuleType:
     return module
 
 
-def _built_before() -> bool:
+STALE_LOCK_SECONDS = 600  # a build takes about a minute; a lock this old was left by a process that died
+
+
+def remove_stale_lock(build_directory: Path | None) -> None:
+    """torch.utils.cpp_extension waits, without limit, on a `lock` file in the build directory that the building
+    process removes when done; a process killed mid-build leaves it behind and every later run would hang. One that
+    old is removed (and said)."""
+    lock = build_directory / "lock" if build_directory is not None else None
+    try:
+        age = time.time() - lock.stat().st_mtime if lock is not None else None
+    except OSError:
+        return  # no lock: nobody is building
+    if age is not None and age > STALE_LOCK_SECONDS:
+        logger.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+
+
+def _build_directory() -> Path | None:
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        return (Path(_get_build_directory("llminfer_cpu_kernels", False)) / "llminfer_cpu_kernels.so").is_file()
-    except Exception:  # noqa: BLE001 - a private helper of torch; without it, say "compiling" every time
-        return False
+        return Path(_get_build_directory("llminfer_cpu_kernels", False))
+    except Exception:  # noqa: BLE001 - a private helper of torch; without it, nothing to clean
+        return None
+
+
+def _built_before() -> bool:
+    directory = _build_directory()  # without it, say "compiling" every time
+    return directory is not None and (directory / "llminfer_cpu_kernels.so").is_file()
 
 
 def has_bf16_dot_products() -> bool:
