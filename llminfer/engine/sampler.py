@@ -54,8 +54,10 @@ def _clamp_overflow(logits: torch.Tensor) -> torch.Tensor:
 
 
 def finite_rows(logits: torch.Tensor) -> torch.Tensor:
-    """[B, V] -> [B] bool: no NaN, no +inf, and at least one token that is not -inf (masked)."""
-    return ~(logits.isnan() | (logits == float("inf"))).any(dim=-1) & (logits > float("-inf")).any(dim=-1)
+    """[B, V] -> [B] bool: no NaN, no +inf, and at least one token that is not -inf (masked). One reduction: the
+    row maximum is NaN if any logit is (amax propagates NaN), +inf if one is, -inf if all are (1.5 ms -> 30 us a
+    step over SmolLM2's 49152 logits, where the element-wise version made five passes)."""
+    return torch.isfinite(logits.amax(dim=-1))
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
