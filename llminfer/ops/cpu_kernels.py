@@ -9,6 +9,7 @@ implementations that use these kernels report themselves unavailable and the ref
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -85,11 +86,24 @@ def _load() -> ModuleType:
     if not _built_before():
         print("llminfer: compiling the CPU kernels (first use on this machine, about a minute) ...",
               file=sys.stderr, flush=True)
-    module = load(name="llminfer_cpu_kernels", sources=[str(s) for s in SOURCES],
-                  extra_cflags=["-O3", "-std=c++17", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                  verbose=False)
+    module = load(name=build_name(), sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                  extra_ldflags=["-fopenmp"], verbose=False)
     logger.info("CPU kernels ready in %.1f s", time.perf_counter() - start)
     return module
+
+
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]  # OpenMP: at::parallel_for is serial without it
+
+
+def build_name() -> str:
+    """The extension's name, one per checkout and source version: ninja decides what to rebuild from the absolute
+    source paths in its build file, so two checkouts (or two commits) sharing one build folder would rebuild each
+    other's kernels on every start."""
+    digest = hashlib.sha1(" ".join(CFLAGS).encode())
+    for source in SOURCES:
+        digest.update(str(source.resolve()).encode())
+        digest.update(source.read_bytes())
+    return f"llminfer_cpu_kernels_{digest.hexdigest()[:12]}"
 
 
 STALE_LOCK_SECONDS = 600  # a build takes about a minute; a lock this old was left by a process that died
@@ -113,14 +127,14 @@ def _build_directory() -> Path | None:
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
-        return Path(_get_build_directory("llminfer_cpu_kernels", False))
+        return Path(_get_build_directory(build_name(), False))
     except Exception:  # noqa: BLE001 - a private helper of torch; without it, nothing to clean
         return None
 
 
 def _built_before() -> bool:
     directory = _build_directory()  # without it, say "compiling" every time
-    return directory is not None and (directory / "llminfer_cpu_kernels.so").is_file()
+    return directory is not None and (directory / f"{build_name()}.so").is_file()
 
 
 def has_bf16_dot_products() -> bool:
