@@ -100,7 +100,7 @@ def build_name() -> str:
     source paths in its build file, so two checkouts (or two commits) sharing one build folder would rebuild each
     other's kernels on every start."""
     digest = hashlib.sha1(" ".join(CFLAGS).encode())
-    for source in SOURCES:
+    for source in sorted(SOURCES[0].parent.iterdir()):  # the sources and the headers they include
         digest.update(str(source.resolve()).encode())
         digest.update(source.read_bytes())
     return f"llminfer_cpu_kernels_{digest.hexdigest()[:12]}"

@@ -45,7 +45,7 @@ def int8_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales:
 
 
 def _kernel_takes(x: torch.Tensor) -> bool:
-    return x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] % 32 == 0 and x.shape[0] > 0
+    return cpu_kernels.takes(x) and x.shape[1] % 32 == 0 and x.shape[0] > 0
 
 
 PROMPT_ROWS = 64  # from this many bfloat16 rows, dequantize + a bfloat16 matmul beats integer dot products
@@ -162,14 +162,12 @@ def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_si
                                 table: torch.Tensor) -> torch.Tensor:
     """Q4_1-style: activations quantized to int8 in blocks of 32 inside the kernel, unsigned levels x signed
     activations summed exactly per block, scaled by both blocks' scales, plus min x the block's activation sum.
-    Other dtypes dequantize the weight for a float product (a slow path for tests)."""
-    if _kernel_takes(x):
-        if _bf16_matmul_wins(x):
-            return F.linear(x, cpu_kernels.kernels().dequantize_int4(qweight, table, x.shape[1], x.dtype))
-        return cpu_kernels.kernels().int4_linear(x.contiguous(), qweight, table, cpu_kernels.isa())
-    levels = _blocks32_levels(qweight, table, group_size, x.shape[1]).float()
-    t = table.float()[:, : x.shape[1] // 32].repeat_interleave(32, dim=1)  # [N, K, 2]
-    return F.linear(x, (levels * t[..., 0] + t[..., 1]).to(x.dtype))
+    Other dtypes (float16) take the dequantized weight through a float product."""
+    kernels = cpu_kernels.kernels()
+    if _kernel_takes(x) and not _bf16_matmul_wins(x):
+        return kernels.int4_linear(x.contiguous(), qweight, table, cpu_kernels.isa())
+    dtype = x.dtype if cpu_kernels.takes(x) else torch.float32
+    return F.linear(x, kernels.dequantize_int4(qweight, table, x.shape[1], dtype).to(x.dtype))
 
 
 @implement("int8_int8_linear", "reference")

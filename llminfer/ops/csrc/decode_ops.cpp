@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "vector.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -17,7 +19,7 @@
 #include <limits>
 #include <vector>
 
-#define VECTOR_TARGET __attribute__((target("avx2,fma,f16c")))
+#define VECTOR_TARGET __attribute__((target(AVX2_TARGET)))
 
 namespace {
 
@@ -61,11 +63,9 @@ void check_rows(const torch::Tensor& x, const char* name) {
 }
 
 // 8 cached values as float32: a float, bfloat16 or int8 cache.
-VECTOR_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-VECTOR_TARGET inline __m256 load8(const bf16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
+using llminfer::hsum;
+using llminfer::load8;
+VECTOR_TARGET inline __m256 load8(const bf16* p) { return llminfer::load8_bf16(p); }
 VECTOR_TARGET inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -73,12 +73,6 @@ inline float scalar(float v) { return v; }
 inline float scalar(bf16 v) { return to_float(v); }
 inline float scalar(int8_t v) { return static_cast<float>(v); }
 
-VECTOR_TARGET inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // 8 floats rounded to T and back (bfloat16: round to nearest even on the bits), as the reference's dtype rounds.
 VECTOR_TARGET inline __m256 round_as(__m256 v, float) { return v; }
@@ -269,11 +263,8 @@ torch::Tensor rotary_embedding(const torch::Tensor& positions, const torch::Tens
 
 // Caches are [num_blocks, Hkv, block_size, D]; an int8 cache has float32 scales [num_blocks, Hkv, block_size, 1].
 struct CacheView {
-  const torch::Tensor& data;
-  const c10::optional<torch::Tensor>& scales;
   int64_t heads, block_size, D;
-  CacheView(const torch::Tensor& d, const c10::optional<torch::Tensor>& s)
-      : data(d), scales(s), heads(d.size(1)), block_size(d.size(2)), D(d.size(3)) {}
+  explicit CacheView(const torch::Tensor& cache) : heads(cache.size(1)), block_size(cache.size(2)), D(cache.size(3)) {}
   int64_t vector_index(int64_t block, int64_t head, int64_t offset) const {
     return (block * heads + head) * block_size + offset;
   }
@@ -327,7 +318,7 @@ void write_kv(torch::Tensor key_cache, torch::Tensor value_cache, const c10::opt
                 "k, v: [T, Hkv, D] with contiguous heads");
   }
   auto store = [&](torch::Tensor& cache, const c10::optional<torch::Tensor>& scales, const torch::Tensor& values) {
-    const CacheView view(cache, scales);
+    const CacheView view(cache);
     for_dtype(values, [&](auto tag) {
       using E = decltype(tag);
       const E* src = ptr<E>(values);
@@ -442,7 +433,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   }
   const int64_t G = Hq / Hkv;
   auto out = torch::empty({B, Hq, D}, q.options());
-  const CacheView keys(key_cache, key_scales), values(value_cache, value_scales);
+  const CacheView keys(key_cache);
   const float* ks = key_scales ? key_scales->data_ptr<float>() : nullptr;
   const float* vs = value_scales ? value_scales->data_ptr<float>() : nullptr;
   for_dtype(q, [&](auto qtag) {

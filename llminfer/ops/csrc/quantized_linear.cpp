@@ -26,6 +26,8 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include "vector.h"
+
 #include <cmath>
 #include <cstring>
 #include <cstdint>
@@ -38,7 +40,6 @@ constexpr int64_t kBlock = 32;
 constexpr int kRowsOfX = 4;     // rows of x per tile
 constexpr int kRowsOfW = 4;     // weight rows per tile
 
-#define AVX2_TARGET "avx2,fma,f16c"
 #define AVX_VNNI_TARGET "avx2,fma,f16c,avxvnni"
 #define AVX512_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
 
@@ -76,18 +77,9 @@ struct Activations {
   const float* sums(int64_t m) const { return sum_ptr + m * (padded_K / kBlock); }
 };
 
-__attribute__((target(AVX2_TARGET))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target(AVX2_TARGET))) inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));  // bfloat16 is the top half of a float32
-}
-
-__attribute__((target(AVX2_TARGET))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using llminfer::hsum;
+using llminfer::load8;
+__attribute__((target(AVX2_TARGET))) inline __m256 load8(const c10::BFloat16* p) { return llminfer::load8_bf16(p); }
 
 __attribute__((target(AVX2_TARGET))) inline int hsum256_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -219,7 +211,7 @@ __attribute__((target(AVX_VNNI_TARGET))) inline __m256i dot_avx_vnni(__m256i uns
       }                                                                                                            \
     }                                                                                                              \
     for (int i = 0; i < MR; ++i)                                                                                   \
-      for (int r = 0; r < NR; ++r) store(y + (m0 + i) * N + n0 + r, hsum256(acc[i][r]) * w.row_scale(n0 + r));      \
+      for (int r = 0; r < NR; ++r) store(y + (m0 + i) * N + n0 + r, hsum(acc[i][r]) * w.row_scale(n0 + r));      \
   }                                                                                                                \
                                                                                                                    \
   template <int MR, int NR, typename Out>                                                                          \
@@ -255,7 +247,7 @@ __attribute__((target(AVX_VNNI_TARGET))) inline __m256i dot_avx_vnni(__m256i uns
       }                                                                                                            \
     }                                                                                                              \
     for (int i = 0; i < MR; ++i)                                                                                   \
-      for (int r = 0; r < NR; ++r) store(y + (m0 + i) * N + n0 + r, hsum256(acc[i][r]));                          \
+      for (int r = 0; r < NR; ++r) store(y + (m0 + i) * N + n0 + r, hsum(acc[i][r]));                          \
   }
 
 DEFINE_TILES_256(avx2, AVX2_TARGET, dot_avx2)

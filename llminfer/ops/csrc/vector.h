@@ -1,0 +1,26 @@
+// AVX2 helpers shared by the kernels (AVX2 is their minimum; each is compiled for that target).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#define AVX2_TARGET "avx2,fma,f16c"
+
+namespace llminfer {
+
+// 8 float32 from float32 or from bfloat16 bits (bfloat16 is the top half of a float32).
+__attribute__((target(AVX2_TARGET))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target(AVX2_TARGET))) inline __m256 load8_bf16(const void* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+__attribute__((target(AVX2_TARGET))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace llminfer
