@@ -391,7 +391,15 @@ def test_dropped_streams_are_aborted_and_free_their_kv_blocks(tiny_chat_folder):
 
 
 def test_non_streamed_request_is_aborted_when_the_client_disconnects(tiny_chat_folder):
-    live = LiveServer(LLM(str(tiny_chat_folder), max_num_seqs=1))
+    llm = LLM(str(tiny_chat_folder), max_num_seqs=1)
+    step = llm.engine.step
+
+    def slow_step():  # 250 steps take seconds however fast the kernels are: the client gives up first
+        time.sleep(0.01)
+        return step()
+
+    llm.engine.step = slow_step
+    live = LiveServer(llm)
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{live.url}{COMPLETIONS}", json={"prompt": "x", "max_tokens": 250, "ignore_eos": True},
