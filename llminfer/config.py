@@ -217,6 +217,9 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # the waiting queue's order (engine.scheduler.QUEUE_POLICIES)
     attention_backend: str = "paged"  # who owns the KV cache and calls the attention ops (ATTENTION_BACKENDS)
     threads: int | None = None  # CPU threads of this run (split among local ranks); None: the cores we may use
+    # Run every step through the Python network; by default pure-decode steps on the CPU are recorded once per
+    # batch size and replayed from C++ (engine/step_graph.py).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":

@@ -232,13 +232,13 @@ def test_paged_decode_attention_reads_block_tables_with_holes_and_shared_prefixe
     # sequence 0 and 1 share their first two blocks (a common prefix); their own blocks are not in order and
     # leave holes (blocks 4, 6, 7 belong to nobody); tables are padded with 0 past each sequence's length
     tables = torch.tensor([[2, 9, 5, 0], [2, 9, 11, 3], [8, 0, 0, 0]])
-    lengths = [40, 61, 7]
+    lengths = torch.tensor([40, 61, 7])
     q = torch.randn(3, heads, dim, generator=generator).to(dtype)
     got = resolve_ops(None).paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales, tables,
                                                    lengths, 2, 0.125, window)
     reference = paged_decode_attention_reference(q, key_cache, value_cache, key_scales, value_scales, tables,
                                                  lengths, 2, 0.125, window)
-    for i, length in enumerate(lengths):
+    for i, length in enumerate(lengths.tolist()):
         blocks = tables[i, : -(-length // block_size)]
 
         def read(cache, scales):
@@ -251,7 +251,7 @@ def test_paged_decode_attention_reads_block_tables_with_holes_and_shared_prefixe
         torch.testing.assert_close(got[i].double(), expected, atol=tolerance, rtol=tolerance)
     close(got, reference, dtype if not quantized else torch.bfloat16)  # the reference rounds dequantized values
     with pytest.raises(RuntimeError, match="sequence 2: length 70 does not fit its 4 blocks"):
-        kernels.paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales, tables, [1, 1, 70],
+        kernels.paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales, tables, torch.tensor([1, 1, 70]),
                                        0.125, window)
 
 

@@ -215,6 +215,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int,
                         help="CPU threads (default: the cores this process may run on; split among "
                              "tensor-parallel ranks)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every step through the Python network (default: CPU decode steps are recorded "
+                             "once per batch size and replayed from C++)")
     parser.add_argument("--tensor-parallel-size", "--tp", type=positive_int, default=1,
                         help="run as N processes that each hold 1/N of the weights and KV cache (started here; "
                              "or start them with torchrun --nproc-per-node N -m llminfer ...)")
@@ -228,7 +231,7 @@ def model_options(args: argparse.Namespace) -> dict:
     return {"dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
             "kv_cache_memory": args.kv_cache_memory, "kv_cache_dtype": args.kv_cache_dtype,
             "quantization": args.quantization, "tensor_parallel_size": max(args.tensor_parallel_size, world),
-            "ops": parse_ops_spec(args.ops), "threads": args.threads}
+            "ops": parse_ops_spec(args.ops), "threads": args.threads, "enforce_eager": args.enforce_eager}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -36,7 +36,8 @@ class LLM:
                  kv_cache_memory: int | float | str | None = None, block_size: int = 16,
                  enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto",
                  quantization: str | None = None, tensor_parallel_size: int = 1,
-                 ops: str | dict[str, str] | None = None, threads: int | None = None) -> None:
+                 ops: str | dict[str, str] | None = None, threads: int | None = None,
+                 enforce_eager: bool = False) -> None:
         """dtype 'auto': float32, or bfloat16 for a quantized model. kv_cache_dtype 'int8' stores keys and values
         as int8. quantization (a16w8 | a16w4 | a8w8) quantizes a float checkpoint at load time.
         tensor_parallel_size N: this process is one of N ranks started by `llminfer ... --tensor-parallel-size N`
@@ -44,12 +45,13 @@ class LLM:
         ops: which implementation each op uses, 'rms_norm=reference,paged_decode_attention=batched' or a dict
         (default: the best available on the device; `llminfer info --ops` lists them). threads: CPU threads
         (default: the cores this process may run on; split among tensor-parallel ranks on one machine); torch's
-        thread count is process-wide, so this sets it for the process."""
+        thread count is process-wide, so this sets it for the process. enforce_eager: run every step through the
+        Python network (by default decode steps on the CPU are recorded once per batch size and replayed from C++)."""
         self.config = EngineConfig(dtype=dtype, device=device, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                                    block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                                    kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-                                   ops=parse_ops_spec(ops), threads=threads)
+                                   ops=parse_ops_spec(ops), threads=threads, enforce_eager=enforce_eager)
         checkpoint = open_checkpoint(model)
         self.model_name = model
         self.checkpoint_format = checkpoint.format

@@ -16,6 +16,7 @@ from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.request import Request
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.engine.scheduler import Scheduler
+from llminfer.engine.step_graph import DecodeGraphs
 from llminfer.errors import ConfigError, InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
 from llminfer.kv_cache import KVCacheManager, KVCacheStats, PagedKVCache, attention_backend
 from llminfer.model.base import CausalLM
@@ -46,9 +47,18 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    self._fork_sample, config.scheduling_policy)
         backend = attention_backend(config.attention_backend, self.cache, model.ops)
-        self.runner = ModelRunner(model, self.cache, backend)
+        self.runner = ModelRunner(model, self.cache, backend, self._step_graphs(backend))
         self._groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
+
+    def _step_graphs(self, backend) -> DecodeGraphs | None:
+        if self.config.enforce_eager:
+            return None
+        reason = DecodeGraphs.usable(self.model, backend)
+        if reason is not None:
+            logger.info("decode steps run eagerly: %s", reason)
+            return None
+        return DecodeGraphs(self.model, self.cache, backend, self.max_model_len)
 
     def _num_kv_blocks(self) -> int:
         config = self.config

@@ -9,6 +9,7 @@ import torch
 
 from llminfer.engine.sampler import Sampler, SamplerOutput, SamplingInput
 from llminfer.engine.scheduler import ScheduledBatch
+from llminfer.engine.step_graph import DecodeGraphs
 from llminfer.kv_cache import PagedKVCache
 from llminfer.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from llminfer.model.base import CausalLM
@@ -30,8 +31,10 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, backend: AttentionBackend) -> None:
+    def __init__(self, model: CausalLM, cache: PagedKVCache, backend: AttentionBackend,
+                 step_graphs: DecodeGraphs | None = None) -> None:
         self.model, self.cache, self.backend = model, cache, backend
+        self.step_graphs = step_graphs  # pure-decode steps replayed from C++ (None: every step runs eagerly)
         self.device = model.device
         self.sampler = Sampler()
 
@@ -69,6 +72,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInputs) -> torch.Tensor:
         self.cache.copy_blocks(step.block_copies)
+        if self.step_graphs is not None:
+            logits = self.step_graphs.run(step)
+            if logits is not None:
+                return logits
         device = self.device
         metadata = AttentionMetadata(step.query_start_loc, step.context_lens, torch.tensor(step.slots, device=device),
                                      torch.tensor(step.block_tables, device=device))

@@ -71,7 +71,7 @@ class DecodeBatch:
     Built once per step; the layers only differ in their caches."""
 
     block_tables: torch.Tensor  # [B, nb] blocks in use (nb covers the longest sequence)
-    context_lens: list[int]
+    context_lens: torch.Tensor  # int64 [B]
     num_shared: int  # leading columns naming the same full block for every sequence
 
     @classmethod
@@ -81,7 +81,7 @@ class DecodeBatch:
         if used.shape[0] > 1:
             same = (used == used[:1]).all(dim=0)[: min(context_lens) // block_size]
             shared = int(same.cumprod(0).sum()) if same.numel() else 0
-        return cls(used, context_lens, shared)
+        return cls(used, torch.tensor(context_lens, device=block_tables.device), shared)
 
 
 @dataclass
@@ -115,6 +115,10 @@ class PagedAttentionBackend(AttentionBackend):
                             pure_decode=len(decodes) == metadata.num_seqs)
             self._step = (metadata, plan)
         return self._step[1]
+
+    def use_plan(self, metadata: AttentionMetadata | None, plan: StepPlan | None) -> None:
+        """Have the layers read this plan for `metadata` (a recorded step's fixed tensors); (None, None) forgets it."""
+        self._step = (metadata, plan) if metadata is not None else None
 
     def _decode(self, layer: Attention, q: torch.Tensor, batch: DecodeBatch) -> torch.Tensor:
         return self.ops.paged_decode_attention(q, *self.cache.layer(layer.layer_idx), batch.block_tables,

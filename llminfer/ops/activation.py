@@ -19,26 +19,28 @@ define_op("gelu_tanh_and_mul", "gelu_tanh_and_mul(gate_up [T, 2I]) -> [T, I]: ge
 
 
 
-@implement("silu_and_mul", "reference")
+@implement("silu_and_mul", "reference", capturable=True)
 def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-@implement("gelu_tanh_and_mul", "reference")
+@implement("gelu_tanh_and_mul", "reference", capturable=True)
 def gelu_tanh_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
 
 
-@implement("silu_and_mul", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
+@implement("silu_and_mul", "cpu", devices=("cpu",), priority=10,
+           requirement=cpu_kernels.build_requirement, capturable=True)
 def silu_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() != 2 or not cpu_kernels.takes(gate_up):
         return silu_and_mul_reference(gate_up)
     return cpu_kernels.kernels().silu_and_mul(gate_up)
 
 
-@implement("gelu_tanh_and_mul", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
+@implement("gelu_tanh_and_mul", "cpu", devices=("cpu",), priority=10,
+           requirement=cpu_kernels.build_requirement, capturable=True)
 def gelu_tanh_and_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() != 2 or not cpu_kernels.takes(gate_up):
         return gelu_tanh_and_mul_reference(gate_up)

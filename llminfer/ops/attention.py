@@ -23,7 +23,7 @@ define_op("write_kv", "write_kv(key_cache, value_cache, key_scales | None, value
           mutates=("key_cache", "value_cache", "key_scales", "value_scales"))
 define_op("paged_decode_attention",
           "paged_decode_attention(q [B, Hq, D], key_cache, value_cache, key_scales | None, value_scales | None, "
-          "block_tables [B, nb], context_lens [B] (list), num_shared, scale, sliding_window | None) -> [B, Hq, D]: "
+          "block_tables [B, nb], context_lens int64 [B], num_shared, scale, sliding_window | None) -> [B, Hq, D]: "
           "one query per sequence over its cached blocks, read in place; num_shared leading blocks are the same "
           "for every sequence",
           fake=lambda q, *args: torch.empty_like(q))
@@ -69,7 +69,7 @@ def visibility_mask(query_positions: torch.Tensor, num_keys: int, sliding_window
 
 # --- write_kv --------------------------------------------------------------------------------------
 
-@implement("write_kv", "reference")
+@implement("write_kv", "reference", capturable=True)
 def write_kv_reference(key_cache: torch.Tensor, value_cache: torch.Tensor, key_scales: Optional[torch.Tensor],
                        value_scales: Optional[torch.Tensor], slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor) -> None:
@@ -82,7 +82,8 @@ def write_kv_reference(key_cache: torch.Tensor, value_cache: torch.Tensor, key_s
             scales[slot_blocks, :, slot_offsets] = scale
 
 
-@implement("write_kv", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
+@implement("write_kv", "cpu", devices=("cpu",), priority=10,
+           requirement=cpu_kernels.build_requirement, capturable=True)
 def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key_scales: Optional[torch.Tensor],
                  value_scales: Optional[torch.Tensor], slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor) -> None:
@@ -97,11 +98,11 @@ def write_kv_cpu(key_cache: torch.Tensor, value_cache: torch.Tensor, key_scales:
 @implement("paged_decode_attention", "reference")
 def paged_decode_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                      key_scales: Optional[torch.Tensor], value_scales: Optional[torch.Tensor],
-                                     block_tables: torch.Tensor, context_lens: list[int], num_shared: int,
+                                     block_tables: torch.Tensor, context_lens: torch.Tensor, num_shared: int,
                                      scale: float, sliding_window: Optional[int]) -> torch.Tensor:
     """Plain per-sequence attention, one sequence at a time: the readable version."""
     out = torch.empty_like(q)
-    for i, length in enumerate(context_lens):
+    for i, length in enumerate(context_lens.tolist()):
         keys = gather_history(key_cache, key_scales, block_tables[i], length, q.dtype).float()  # [Hkv, L, D]
         values = gather_history(value_cache, value_scales, block_tables[i], length, q.dtype).float()
         group = q.shape[1] // keys.shape[0]
@@ -116,7 +117,7 @@ def paged_decode_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, v
 @implement("paged_decode_attention", "batched", priority=10)
 def paged_decode_attention_batched(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                    key_scales: Optional[torch.Tensor], value_scales: Optional[torch.Tensor],
-                                   block_tables: torch.Tensor, context_lens: list[int], num_shared: int,
+                                   block_tables: torch.Tensor, context_lens: torch.Tensor, num_shared: int,
                                    scale: float, sliding_window: Optional[int]) -> torch.Tensor:
     """The whole batch in a few matmuls.
 
@@ -135,7 +136,7 @@ def paged_decode_attention_batched(q: torch.Tensor, key_cache: torch.Tensor, val
     work = torch.float32 if q.device.type == "cpu" else q.dtype
     if num_seqs == 1:
         return _single_sequence_decode(q, key_cache, value_cache, key_scales, value_scales, block_tables,
-                                       context_lens[0], scale, sliding_window, work)
+                                       int(context_lens[0]), scale, sliding_window, work)
     grouped = q.view(num_seqs, num_kv_heads, group, head_dim).to(work)
 
     # Each sequence's own blocks.
@@ -154,7 +155,7 @@ def paged_decode_attention_batched(q: torch.Tensor, key_cache: torch.Tensor, val
         shared_scores = torch.matmul(q_by_head, shared_keys.transpose(1, 2)).view(num_kv_heads, num_seqs, group, -1)
         scores = torch.cat([shared_scores.permute(1, 0, 2, 3), scores], dim=-1)  # [B, Hkv, G, L]
 
-    positions = torch.tensor(context_lens, device=q.device) - 1
+    positions = context_lens.to(q.device) - 1
     visible = visibility_mask(positions, scores.shape[-1], sliding_window)  # [B, L]
     probs = (scores.float() * scale).masked_fill(~visible[:, None, None, :], float("-inf")).softmax(dim=-1)
     probs = probs.to(values.dtype)
@@ -169,10 +170,10 @@ def paged_decode_attention_batched(q: torch.Tensor, key_cache: torch.Tensor, val
 
 
 @implement("paged_decode_attention", "cpu", devices=("cpu",), priority=20,
-           requirement=cpu_kernels.build_requirement)
+           requirement=cpu_kernels.build_requirement, capturable=True)
 def paged_decode_attention_cpu(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                key_scales: Optional[torch.Tensor], value_scales: Optional[torch.Tensor],
-                               block_tables: torch.Tensor, context_lens: list[int], num_shared: int,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, num_shared: int,
                                scale: float, sliding_window: Optional[int]) -> torch.Tensor:
     """One task per (sequence, KV head), reading its blocks in place through the block table (an int8 cache is
     dequantized as it is read): all scores, softmax, then the weighted values, in float32. Shared blocks are
@@ -181,7 +182,7 @@ def paged_decode_attention_cpu(q: torch.Tensor, key_cache: torch.Tensor, value_c
         return paged_decode_attention_batched(q, key_cache, value_cache, key_scales, value_scales, block_tables,
                                               context_lens, num_shared, scale, sliding_window)
     return cpu_kernels.kernels().paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales,
-                                                        block_tables, list(context_lens), scale, sliding_window)
+                                                        block_tables, context_lens, scale, sliding_window)
 
 
 def _single_sequence_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -21,9 +21,12 @@ from types import ModuleType
 
 import torch
 
+from llminfer.ops import recording
+
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quantized_linear.cpp", "decode_ops.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("quantized_linear.cpp", "decode_ops.cpp", "step_graph.cpp")]
 
 
 def unavailable_reason() -> str | None:
@@ -63,12 +66,14 @@ def cpu_flags() -> frozenset[str]:
 
 
 def kernels() -> ModuleType | None:
-    """The compiled extension (built on first call, then cached on disk), or None if the build failed."""
+    """The compiled extension (built on first call, then cached on disk), or None if the build failed. While a
+    pass is recorded (ops/recording.py), its kernel calls are recorded too."""
     global _build_error
     if _build_error is not None:
         return None
     try:
-        return _load()
+        module = _load()
+        return module if recording.active is None else _RecordedKernels(module, recording.active)
     except Exception as exc:  # noqa: BLE001 - a failed build means the reference ops run, said once
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         first_error = next((line for line in lines if "error:" in line), lines[-1])  # the compiler's, not ninja's
@@ -135,6 +140,17 @@ def _build_directory() -> Path | None:
 def _built_before() -> bool:
     directory = _build_directory()  # without it, say "compiling" every time
     return directory is not None and (directory / f"{build_name()}.so").is_file()
+
+
+class _RecordedKernels:
+    """The extension as a recorded pass sees it: each kernel call also becomes a node of the recorder's graph."""
+
+    def __init__(self, module: ModuleType, recorder: "recording.Recorder") -> None:
+        self._module, self._recorder = module, recorder
+
+    def __getattr__(self, name: str):
+        kernel = getattr(self._module, name)
+        return lambda *args: self._recorder.kernel_call(name, kernel, args)
 
 
 def has_bf16_dot_products() -> bool:

@@ -32,12 +32,12 @@ define_op("int8_int8_linear", "int8_int8_linear(xq int8 [M, K], x_scales [M, 1],
           fake=lambda xq, x_scales, qweight, scales: _rows_by(xq, qweight.shape[0], torch.float32))
 
 
-@implement("linear", "reference")
+@implement("linear", "reference", capturable=True)
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return F.linear(x, weight, bias)
 
 
-@implement("int8_weight_linear", "reference")
+@implement("int8_weight_linear", "reference", capturable=True)
 def int8_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.ops.aten._weight_int8pack_mm(x, qweight, scales.to(x.dtype))
@@ -58,7 +58,7 @@ def _bf16_matmul_wins(x: torch.Tensor) -> bool:
 
 
 @implement("int8_weight_linear", "cpu_int8", devices=("cpu",), priority=10,
-           requirement=cpu_kernels.build_requirement)
+           requirement=cpu_kernels.build_requirement, capturable=True)
 def int8_weight_linear_cpu_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Activations quantized to int8 in blocks of 32 inside the kernel, int8 x int8 dot products, per-block and
     per-row scales (ops/csrc/quantized_linear.cpp; AVX2, AVX-VNNI or AVX-512 VNNI). K not a multiple of 32, or a
@@ -148,7 +148,7 @@ INT4_LAYOUTS = {"tinygemm": Int4Layout(_pack_tinygemm, _tinygemm_levels, _tinyge
                 "blocks32": Int4Layout(_pack_blocks32, _blocks32_levels, _blocks32_grid)}
 
 
-@implement("int4_weight_linear", "reference", weight_layout="tinygemm")
+@implement("int4_weight_linear", "reference", weight_layout="tinygemm", capturable=True)
 def int4_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, group_size: int,
                                  table: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
@@ -157,7 +157,7 @@ def int4_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, group_s
 
 
 @implement("int4_weight_linear", "cpu_int4", devices=("cpu",), priority=10, weight_layout="blocks32",
-           requirement=cpu_kernels.build_requirement)
+           requirement=cpu_kernels.build_requirement, capturable=True)
 def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_size: int,
                                 table: torch.Tensor) -> torch.Tensor:
     """Q4_1-style: activations quantized to int8 in blocks of 32 inside the kernel, unsigned levels x signed
@@ -170,7 +170,7 @@ def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_si
     return F.linear(x, kernels.dequantize_int4(qweight, table, x.shape[1], dtype).to(x.dtype))
 
 
-@implement("int8_int8_linear", "reference")
+@implement("int8_int8_linear", "reference", capturable=True)
 def int8_int8_linear_reference(xq: torch.Tensor, x_scales: torch.Tensor, qweight: torch.Tensor,
                                scales: torch.Tensor) -> torch.Tensor:
     rows = xq.shape[0]

@@ -15,20 +15,21 @@ define_op("add_rms_norm", "add_rms_norm(x [T, H], residual [T, H], weight [H], e
           fake=lambda x, residual, weight, eps: (torch.empty_like(x), torch.empty_like(x)))
 
 
-@implement("rms_norm", "reference")
+@implement("rms_norm", "reference", capturable=True)
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # one fused kernel, in float32 like HF
     return weight * normed.to(x.dtype)
 
 
-@implement("add_rms_norm", "reference")
+@implement("add_rms_norm", "reference", capturable=True)
 def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     summed = x + residual
     return rms_norm_reference(summed, weight, eps), summed
 
 
-@implement("rms_norm", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
+@implement("rms_norm", "cpu", devices=("cpu",), priority=10,
+           requirement=cpu_kernels.build_requirement, capturable=True)
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """One pass per row (ops/csrc/decode_ops.cpp), the reference's rounding."""
     if x.dim() != 2 or not cpu_kernels.takes(x, weight):
@@ -36,7 +37,8 @@ def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return cpu_kernels.kernels().rms_norm(x, weight.contiguous(), eps)
 
 
-@implement("add_rms_norm", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
+@implement("add_rms_norm", "cpu", devices=("cpu",), priority=10,
+           requirement=cpu_kernels.build_requirement, capturable=True)
 def add_rms_norm_cpu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the norm in one pass per row."""

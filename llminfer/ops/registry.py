@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from llminfer.errors import ConfigError
+from llminfer.ops import recording
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ class Implementation:
     requirement: Callable[[], str | None]  # None when usable on this machine, else why not
     custom_op: Any  # the torch.library op wrapping fn
     weight_layout: str | None = None  # for ops on packed weights: the layout it reads, packed at load by the layer
+    # Its computation depends only on its tensors' contents and on shapes, dtypes and constant arguments, so that
+    # a recorded pass may replay it (ops/recording.py).
+    capturable: bool = False
 
     def unavailable_reason(self, device_type: str) -> str | None:
         if device_type not in self.devices:
@@ -63,9 +67,10 @@ def _always() -> str | None:
 
 def implement(op_name: str, impl_name: str, *, devices: tuple[str, ...] = ("cpu", "cuda"), priority: int = 0,
               requirement: Callable[[], str | None] = _always,
-              weight_layout: str | None = None) -> Callable[[Callable], Callable]:
+              weight_layout: str | None = None, capturable: bool = False) -> Callable[[Callable], Callable]:
     """Register `fn` as implementation `impl_name` of `op_name` (and as torch.ops.llminfer.<op>_<impl>).
-    `weight_layout` names the packing of the weights it reads, for ops whose layers pack them at load."""
+    `weight_layout` names the packing of the weights it reads, for ops whose layers pack them at load;
+    `capturable` says that a recorded pass may replay it (Implementation.capturable)."""
     op = OPS[op_name]
 
     def register(fn: Callable) -> Callable:
@@ -75,7 +80,7 @@ def implement(op_name: str, impl_name: str, *, devices: tuple[str, ...] = ("cpu"
         if op.fake is not None:
             custom.register_fake(op.fake)
         op.implementations[impl_name] = Implementation(impl_name, fn, devices, priority, requirement, custom,
-                                                       weight_layout)
+                                                       weight_layout, capturable)
         return fn
 
     return register
@@ -110,7 +115,7 @@ class OpSet:
     def __init__(self, chosen: Mapping[str, Implementation]) -> None:
         self.chosen = dict(chosen)
         for name, impl in self.chosen.items():
-            setattr(self, name, _bind(impl))
+            setattr(self, name, _bind(name, impl))
 
     def __repr__(self) -> str:
         return "OpSet(" + ", ".join(f"{name}={impl.name}" for name, impl in self.chosen.items()) + ")"
@@ -123,10 +128,12 @@ class OpSet:
         return self.chosen[name].weight_layout
 
 
-def _bind(impl: Implementation) -> Callable[..., Any]:
+def _bind(op_name: str, impl: Implementation) -> Callable[..., Any]:
     fn, custom = impl.fn, impl.custom_op
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        if recording.active is not None:
+            recording.active.check_implementation(op_name, impl)
         # One opaque node in a torch.compile graph; an export (ONNX) traces through to plain tensor operations.
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             return custom(*args, **kwargs)

@@ -12,7 +12,7 @@ define_op("rotary_embedding", "rotary_embedding(positions [T], x [T, H, D], cos 
           fake=lambda positions, x, cos, sin: torch.empty_like(x))
 
 
-@implement("rotary_embedding", "reference")
+@implement("rotary_embedding", "reference", capturable=True)
 def rotary_embedding_reference(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
                                sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, D/2]
@@ -20,7 +20,8 @@ def rotary_embedding_reference(positions: torch.Tensor, x: torch.Tensor, cos: to
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-@implement("rotary_embedding", "cpu", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement)
+@implement("rotary_embedding", "cpu", devices=("cpu",), priority=10,
+           requirement=cpu_kernels.build_requirement, capturable=True)
 def rotary_embedding_cpu(positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> torch.Tensor:
     if x.dim() != 3 or not cpu_kernels.takes(x) or x.stride(-1) != 1 or x.stride(1) != x.shape[2]:

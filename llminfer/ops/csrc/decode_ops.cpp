@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "step_graph.h"
 #include "vector.h"
 
 #include <algorithm>
@@ -60,6 +61,12 @@ template <typename T> T* ptr(const torch::Tensor& t) { return reinterpret_cast<T
 
 void check_rows(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, ": [T, H] with contiguous rows");
+}
+
+// An output a kernel writes into: contiguous, of the shape and dtype it computes.
+void check_output(const torch::Tensor& out, at::IntArrayRef sizes, torch::ScalarType dtype, const char* name) {
+  TORCH_CHECK(out.sizes() == sizes && out.scalar_type() == dtype && out.is_contiguous(), name, ": expected ",
+              dtype, " ", sizes, " contiguous, got ", out.scalar_type(), " ", out.sizes());
 }
 
 // 8 cached values as float32: a float, bfloat16 or int8 cache.
@@ -117,11 +124,11 @@ VECTOR_TARGET void norm_row(const T* x, const T* w, T* y, int64_t H, float eps) 
   for (int64_t i = 0; i < H; ++i) y[i] = from_float<T>(to_float(w[i]) * rounded<T>(to_float(x[i]) * inverse_rms));
 }
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+void rms_norm_out(const torch::Tensor& x, const torch::Tensor& weight, double eps, const torch::Tensor& y) {
   check_rows(x, "x");
   TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(1),
               "weight: [H] contiguous, in x's dtype");
-  auto y = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  check_output(y, x.sizes(), x.scalar_type(), "y");
   const int64_t T = x.size(0), H = x.size(1), stride = x.stride(0);
   for_dtype(x, [&](auto tag) {
     using E = decltype(tag);
@@ -131,6 +138,11 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
       for (int64_t t = begin; t < end; ++t) norm_row(xp + t * stride, wp, yp + t * H, H, static_cast<float>(eps));
     });
   });
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  auto y = torch::empty(x.sizes(), x.options());
+  rms_norm_out(x, weight, eps, y);
   return y;
 }
 
@@ -140,16 +152,16 @@ VECTOR_TARGET void add_row(const T* x, const T* residual, T* sum, int64_t H) {
   for (int64_t i = 0; i < H; ++i) sum[i] = from_float<T>(to_float(x[i]) + to_float(residual[i]));
 }
 
-std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& residual,
-                                                      const torch::Tensor& weight, double eps) {
+void add_rms_norm_out(const torch::Tensor& x, const torch::Tensor& residual, const torch::Tensor& weight, double eps,
+                      const torch::Tensor& y, const torch::Tensor& sum) {
   check_rows(x, "x");
   check_rows(residual, "residual");
   TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
               "residual: the shape and dtype of x");
   TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(1),
               "weight: [H] contiguous, in x's dtype");
-  auto y = torch::empty_like(x, at::MemoryFormat::Contiguous);
-  auto sum = torch::empty_like(x, at::MemoryFormat::Contiguous);
+  check_output(y, x.sizes(), x.scalar_type(), "y");
+  check_output(sum, x.sizes(), x.scalar_type(), "sum");
   const int64_t T = x.size(0), H = x.size(1);
   for_dtype(x, [&](auto tag) {
     using E = decltype(tag);
@@ -162,6 +174,12 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, co
       }
     });
   });
+}
+
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& residual,
+                                                      const torch::Tensor& weight, double eps) {
+  auto y = torch::empty(x.sizes(), x.options()), sum = torch::empty(x.sizes(), x.options());
+  add_rms_norm_out(x, residual, weight, eps, y, sum);
   return {y, sum};
 }
 
@@ -196,11 +214,11 @@ VECTOR_TARGET void gated_row(const T* gate, const T* up, T* y, int64_t I) {
   }
 }
 
-torch::Tensor gated_activation(const torch::Tensor& gate_up, bool gelu) {
+void gated_activation(const torch::Tensor& gate_up, bool gelu, const torch::Tensor& y) {
   check_rows(gate_up, "gate_up");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up: an even number of columns");
-  auto y = torch::empty({T, I}, gate_up.options());
+  check_output(y, {T, I}, gate_up.scalar_type(), "y");
   for_dtype(gate_up, [&](auto tag) {
     using E = decltype(tag);
     const E* gp = ptr<E>(gate_up);
@@ -212,6 +230,14 @@ torch::Tensor gated_activation(const torch::Tensor& gate_up, bool gelu) {
       }
     });
   });
+}
+
+void silu_and_mul_out(const torch::Tensor& gate_up, const torch::Tensor& y) { gated_activation(gate_up, false, y); }
+void gelu_tanh_and_mul_out(const torch::Tensor& gate_up, const torch::Tensor& y) { gated_activation(gate_up, true, y); }
+
+torch::Tensor gated_activation(const torch::Tensor& gate_up, bool gelu) {
+  auto y = torch::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  gated_activation(gate_up, gelu, y);
   return y;
 }
 
@@ -230,8 +256,8 @@ VECTOR_TARGET void rotate_head(const T* x, const float* cos, const float* sin, T
   }
 }
 
-torch::Tensor rotary_embedding(const torch::Tensor& positions, const torch::Tensor& x, const torch::Tensor& cos,
-                               const torch::Tensor& sin) {
+void rotary_embedding_out(const torch::Tensor& positions, const torch::Tensor& x, const torch::Tensor& cos,
+                          const torch::Tensor& sin, const torch::Tensor& y) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2), "x: [T, H, D] with contiguous heads");
   TORCH_CHECK(positions.scalar_type() == torch::kLong && positions.dim() == 1 && positions.numel() == x.size(0),
               "positions: int64 [T]");
@@ -239,7 +265,7 @@ torch::Tensor rotary_embedding(const torch::Tensor& positions, const torch::Tens
                   cos.sizes() == sin.sizes() && cos.size(1) * 2 == x.size(2),
               "cos, sin: float32 [P, D/2] contiguous");
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
-  auto y = torch::empty({T, H, D}, x.options());
+  check_output(y, {T, H, D}, x.scalar_type(), "y");
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t], " is outside the rotary table (",
@@ -256,6 +282,12 @@ torch::Tensor rotary_embedding(const torch::Tensor& positions, const torch::Tens
       }
     });
   });
+}
+
+torch::Tensor rotary_embedding(const torch::Tensor& positions, const torch::Tensor& x, const torch::Tensor& cos,
+                               const torch::Tensor& sin) {
+  auto y = torch::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+  rotary_embedding_out(positions, x, cos, sin, y);
   return y;
 }
 
@@ -407,11 +439,11 @@ VECTOR_TARGET void attend(const Q* q, int64_t q_head_stride, const C* keys, cons
   }
 }
 
-torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& key_cache,
-                                     const torch::Tensor& value_cache, const c10::optional<torch::Tensor>& key_scales,
-                                     const c10::optional<torch::Tensor>& value_scales,
-                                     const torch::Tensor& block_tables, const std::vector<int64_t>& context_lens,
-                                     double scale, c10::optional<int64_t> sliding_window) {
+void paged_decode_attention_out(const torch::Tensor& q, const torch::Tensor& key_cache,
+                                const torch::Tensor& value_cache, const c10::optional<torch::Tensor>& key_scales,
+                                const c10::optional<torch::Tensor>& value_scales, const torch::Tensor& block_tables,
+                                const torch::Tensor& lengths, double scale, c10::optional<int64_t> sliding_window,
+                                const torch::Tensor& out) {
   check_cache(key_cache, key_scales, "key_cache");
   check_cache(value_cache, value_scales, "value_cache");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q: [B, Hq, D] with contiguous heads");
@@ -421,7 +453,10 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && block_tables.dim() == 2 && block_tables.size(0) == B &&
                   block_tables.stride(1) == 1,
               "block_tables: int64 [B, nb]");
-  TORCH_CHECK(static_cast<int64_t>(context_lens.size()) == B, "context_lens: one length per sequence");
+  TORCH_CHECK(lengths.scalar_type() == torch::kLong && lengths.dim() == 1 && lengths.numel() == B &&
+                  lengths.is_contiguous(),
+              "context_lens: int64 [B], one length per sequence");
+  const int64_t* context_lens = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(context_lens[b] >= 1 && context_lens[b] <= block_tables.size(1) * bs, "sequence ", b, ": length ",
                 context_lens[b], " does not fit its ", block_tables.size(1), " blocks");
@@ -432,7 +467,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
     }
   }
   const int64_t G = Hq / Hkv;
-  auto out = torch::empty({B, Hq, D}, q.options());
+  check_output(out, {B, Hq, D}, q.scalar_type(), "out");
   const CacheView keys(key_cache);
   const float* ks = key_scales ? key_scales->data_ptr<float>() : nullptr;
   const float* vs = value_scales ? value_scales->data_ptr<float>() : nullptr;
@@ -459,6 +494,16 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
       run(QT{});
     }
   });
+}
+
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& key_cache,
+                                     const torch::Tensor& value_cache, const c10::optional<torch::Tensor>& key_scales,
+                                     const c10::optional<torch::Tensor>& value_scales,
+                                     const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+                                     double scale, c10::optional<int64_t> sliding_window) {
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  paged_decode_attention_out(q, key_cache, value_cache, key_scales, value_scales, block_tables, context_lens, scale,
+                             sliding_window, out);
   return out;
 }
 
@@ -472,4 +517,13 @@ void register_decode_ops(pybind11::module& m) {
   m.def("rotary_embedding", &rotary_embedding);
   m.def("write_kv", &write_kv);
   m.def("paged_decode_attention", &paged_decode_attention);
+  using llminfer::node_factory;
+  using llminfer::register_graph_kernel;
+  register_graph_kernel("rms_norm", node_factory(&rms_norm_out));
+  register_graph_kernel("add_rms_norm", node_factory(&add_rms_norm_out));
+  register_graph_kernel("silu_and_mul", node_factory(&silu_and_mul_out));
+  register_graph_kernel("gelu_tanh_and_mul", node_factory(&gelu_tanh_and_mul_out));
+  register_graph_kernel("rotary_embedding", node_factory(&rotary_embedding_out));
+  register_graph_kernel("write_kv", node_factory(&write_kv));
+  register_graph_kernel("paged_decode_attention", node_factory(&paged_decode_attention_out));
 }

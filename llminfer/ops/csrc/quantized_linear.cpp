@@ -26,6 +26,7 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include "step_graph.h"
 #include "vector.h"
 
 #include <cmath>
@@ -370,10 +371,13 @@ TILE_CLASS(Int4Avx512, Int4Weights, int4_tile_avx512_vnni)
 
 template <typename Weights, template <int, int, typename> class T2, template <int, int, typename> class TV,
           template <int, int, typename> class T512>
-torch::Tensor product(const torch::Tensor& x, const Weights& w, int64_t N, const std::string& isa) {
+void product(const torch::Tensor& x, const Weights& w, int64_t N, const std::string& isa, const torch::Tensor& y) {
   const Isa chosen = choose_isa(isa);
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == N && y.scalar_type() == x.scalar_type() &&
+                  y.is_contiguous(),
+              "y: expected ", x.scalar_type(), " [", x.size(0), ", ", N, "] contiguous, got ", y.scalar_type(), " ",
+              y.sizes());
   const Activations a = quantize_activations(x);
-  auto y = torch::empty({a.M, N}, x.options());
   auto dispatch = [&](auto* out) {
     using Out = std::remove_pointer_t<decltype(out)>;
     switch (chosen) {
@@ -387,7 +391,6 @@ torch::Tensor product(const torch::Tensor& x, const Weights& w, int64_t N, const
   } else {
     dispatch(y.data_ptr<c10::BFloat16>());
   }
-  return y;
 }
 
 void check_activations(const torch::Tensor& x, int64_t K) {
@@ -402,8 +405,8 @@ void check_activations(const torch::Tensor& x, int64_t K) {
 
 // x float32 | bfloat16 [M, K] (K a multiple of 32), qweight int8 [N, K], scales float32 | bfloat16 [N]
 // -> [M, N] in x's dtype
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                          const std::string& isa) {
+void int8_linear_out(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                     const std::string& isa, const torch::Tensor& y) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kChar && qweight.is_contiguous(),
               "qweight: int8 [N, K] contiguous");
   TORCH_CHECK((scales.scalar_type() == torch::kFloat || scales.scalar_type() == torch::kBFloat16) &&
@@ -412,13 +415,20 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, 
   const int64_t K = qweight.size(1);
   check_activations(x, K);
   const Int8Weights w{qweight.data_ptr<int8_t>(), scales.data_ptr(), scales.scalar_type() == torch::kBFloat16, K};
-  return product<Int8Weights, Int8Avx2, Int8AvxVnni, Int8Avx512>(x, w, qweight.size(0), isa);
+  product<Int8Weights, Int8Avx2, Int8AvxVnni, Int8Avx512>(x, w, qweight.size(0), isa, y);
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                          const std::string& isa) {
+  auto y = torch::empty({x.size(0), qweight.size(0)}, x.options());
+  int8_linear_out(x, qweight, scales, isa, y);
+  return y;
 }
 
 // x float32 | bfloat16 [M, K], qweight uint8 [N, Kp / 2] and table float16 [N, Kp / 32, 2] in the blocks32
 // layout (Kp = K rounded up to 64) -> [M, N] in x's dtype
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& table,
-                          const std::string& isa) {
+void int4_linear_out(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& table,
+                     const std::string& isa, const torch::Tensor& y) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kByte && qweight.is_contiguous(),
               "qweight: uint8 [N, Kp / 2] contiguous (blocks32 layout)");
   const int64_t N = qweight.size(0), padded_K = qweight.size(1) * 2;
@@ -430,7 +440,14 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qweight, 
               " columns, the weight ", padded_K, " padded levels");
   check_activations(x, x.size(1));
   const Int4Weights w{qweight.data_ptr<uint8_t>(), table.data_ptr<c10::Half>(), padded_K};
-  return product<Int4Weights, Int4Avx2, Int4AvxVnni, Int4Avx512>(x, w, N, isa);
+  product<Int4Weights, Int4Avx2, Int4AvxVnni, Int4Avx512>(x, w, N, isa, y);
+}
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& table,
+                          const std::string& isa) {
+  auto y = torch::empty({x.size(0), qweight.size(0)}, x.options());
+  int4_linear_out(x, qweight, table, isa, y);
+  return y;
 }
 
 // The weights as a float matrix [N, K] in `dtype` (float32 or bfloat16), for products over many rows (a prompt),
@@ -515,6 +532,9 @@ void register_decode_ops(pybind11::module& m);  // decode_ops.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_ops(m);
+  llminfer::register_step_graph(m);
+  llminfer::register_graph_kernel("int8_linear", llminfer::node_factory(&int8_linear_out));
+  llminfer::register_graph_kernel("int4_linear", llminfer::node_factory(&int4_linear_out));
   m.def("int8_linear", &int8_linear, "int8-weight linear with int8 activations in blocks of 32");
   m.def("int4_linear", &int4_linear, "int4-weight linear (blocks32 layout) with int8 activations in blocks of 32");
   m.def("dequantize_int4", &dequantize_int4, "blocks32 int4 weights as a float matrix");
