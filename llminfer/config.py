@@ -218,15 +218,17 @@ class EngineConfig:
     attention_backend: str = "paged"  # who owns the KV cache and calls the attention ops (ATTENTION_BACKENDS)
     threads: int | None = None  # CPU threads of this run (split among local ranks); None: the cores we may use
     # Run every step through the Python network; by default pure-decode steps on the CPU are recorded once per
-    # batch size and replayed from C++ (engine/step_graph.py).
+    # batch size and replayed from C++ (engine/step_graph.py), for batches of up to max_graph_batch_size
+    # sequences (each graph keeps its buffers: ~1 MiB per sequence on SmolLM2; larger batches amortize Python).
     enforce_eager: bool = False
+    max_graph_batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES and self.dtype != "auto":
             raise ConfigError(f"dtype '{self.dtype}' is not supported (expected auto or one of {', '.join(DTYPES)})")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"threads must be an integer >= 1, got {self.threads!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_graph_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -251,8 +251,8 @@ def test_paged_decode_attention_reads_block_tables_with_holes_and_shared_prefixe
         torch.testing.assert_close(got[i].double(), expected, atol=tolerance, rtol=tolerance)
     close(got, reference, dtype if not quantized else torch.bfloat16)  # the reference rounds dequantized values
     with pytest.raises(RuntimeError, match="sequence 2: length 70 does not fit its 4 blocks"):
-        kernels.paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales, tables, torch.tensor([1, 1, 70]),
-                                       0.125, window)
+        kernels.paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales, tables,
+                                       torch.tensor([1, 1, 70]), 0.125, window)
 
 
 # --- falling back ----------------------------------------------------------------------------------------------

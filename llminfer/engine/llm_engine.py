@@ -58,7 +58,7 @@ class LLMEngine:
         if reason is not None:
             logger.info("decode steps run eagerly: %s", reason)
             return None
-        return DecodeGraphs(self.model, self.cache, backend, self.max_model_len)
+        return DecodeGraphs(self.model, self.cache, backend, self.max_model_len, self.config.max_graph_batch_size)
 
     def _num_kv_blocks(self) -> int:
         config = self.config

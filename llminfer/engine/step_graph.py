@@ -12,6 +12,7 @@ a reference attention reading Python lists) is said once, and steps of that size
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -58,18 +59,20 @@ class DecodeGraphs:
     """Records and replays pure-decode steps, one graph per batch size."""
 
     def __init__(self, model: CausalLM, cache: PagedKVCache, backend: PagedAttentionBackend,
-                 max_model_len: int) -> None:
+                 max_model_len: int, max_batch_size: int) -> None:
         self.model, self.cache, self.backend = model, cache, backend
+        self.max_batch_size = max_batch_size
         self.max_blocks = -(-max_model_len // cache.block_size)
         self.graphs: dict[int, _DecodeGraph | None] = {}  # None: the recorder refused this size
+        self.replays = 0
 
     @staticmethod
     def usable(model: CausalLM, backend: object) -> str | None:
         """Why steps of this model cannot be replayed, or None."""
         if model.device.type != "cpu":
             return f"step graphs run on the CPU, not {model.device.type}"
-        if not isinstance(backend, PagedAttentionBackend):
-            return "step graphs need the paged attention backend"
+        if type(backend) is not PagedAttentionBackend:  # a subclass's per-step Python would not run at replay
+            return f"step graphs need the paged attention backend, not {type(backend).__name__}"
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             return "step graphs do not record collectives (tensor parallel)"
@@ -79,7 +82,7 @@ class DecodeGraphs:
         """The logits [B, V] of a pure-decode step, replayed (or recorded now); None when the step must run eagerly.
         The tensor is the graph's own: the next step of this batch size overwrites it."""
         batch_size = len(step.input_ids)
-        if step.all_positions or batch_size != len(step.context_lens) or not step.block_tables \
+        if step.all_positions or batch_size != len(step.context_lens) or batch_size > self.max_batch_size \
                 or len(step.block_tables[0]) > self.max_blocks:
             return None
         if batch_size not in self.graphs:
@@ -89,6 +92,7 @@ class DecodeGraphs:
             return None
         decode.fill(step, self.cache.block_size)
         decode.graph.replay()
+        self.replays += 1
         return decode.logits
 
     def _record(self, batch_size: int, step) -> torch.Tensor | None:
@@ -97,8 +101,9 @@ class DecodeGraphs:
         metadata = AttentionMetadata(step.query_start_loc, step.context_lens, decode.slot_blocks,
                                      decode.block_tables)
         self.backend.use_plan(metadata, decode.plan(batch_size))
+        start = time.perf_counter()
         try:
-            with recording.Recorder(decode.graph):
+            with recording.Recorder(decode.graph) as recorder:
                 hidden = self.model(decode.input_ids, decode.positions, ForwardContext(self.backend, metadata))
                 decode.logits = self.model.compute_logits(hidden)
         except recording.RecordingError as exc:
@@ -108,6 +113,7 @@ class DecodeGraphs:
             return None
         finally:
             self.backend.use_plan(None, None)
-        logger.info("recorded the decode step of batch size %d: %d nodes", batch_size, len(decode.graph))
+        logger.info("recorded the decode step of batch size %d: %d nodes, %.1f MiB of buffers, %.0f ms", batch_size,
+                    len(decode.graph), recorder.held_bytes / 2**20, (time.perf_counter() - start) * 1e3)
         self.graphs[batch_size] = decode
         return decode.logits

@@ -60,7 +60,10 @@ class Gemma3Model(nn.Module):
         super().__init__()
         ops = layers.ops
         self.embed_tokens = layers.embedding(f"{prefix}.embed_tokens", config.vocab_size, config.hidden_size)
-        self.embed_scale = config.hidden_size ** 0.5
+        # sqrt(H) rounded to each compute dtype, as HF's tensor of it is (a Python number in forward: no tensor is
+        # built from Python values there, so that a recorded decode step can replay it)
+        self.embed_scale = {dtype: torch.tensor(config.hidden_size ** 0.5, dtype=dtype, device="cpu").item()
+                            for dtype in (torch.float32, torch.bfloat16, torch.float16)}
         head_dim, positions = config.head_dim, config.max_position_embeddings
         self.rotary_emb = RotaryEmbedding(head_dim, positions, config.rope_theta, config.rope_scaling, ops)
         self.rotary_emb_local = RotaryEmbedding(head_dim, positions, config.rope_local_base_freq or 10000.0, None,
@@ -73,7 +76,7 @@ class Gemma3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         embeddings = self.embed_tokens(input_ids)  # [T, H]
-        hidden = embeddings * torch.tensor(self.embed_scale, dtype=embeddings.dtype)  # rounded as HF rounds it
+        hidden = embeddings * self.embed_scale[embeddings.dtype]
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, ctx)

@@ -30,8 +30,22 @@ _ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default, aten.empty_st
 # Values that would be frozen at their recorded state.
 _REFUSED = {aten.lift_fresh.default: "a tensor built from Python values",
             aten.lift_fresh_copy.default: "a tensor built from Python values",
-            aten._local_scalar_dense.default: "a tensor value read into Python (.item(), int())",
-            aten.nonzero.default: "an output whose shape depends on values"}
+            aten._local_scalar_dense.default: "a tensor value read into Python (.item(), int())"}
+
+
+def _refusal(func: Any, args: tuple) -> str | None:
+    """Why a replay of this operator could differ from what recording it saw, or None."""
+    if func in _REFUSED:
+        return _REFUSED[func]
+    if torch.Tag.data_dependent_output in func.tags:
+        return "an output read into Python"
+    if torch.Tag.dynamic_output_shape in func.tags:
+        # indexing by integer tensors has the indices' shape; by a mask, as many rows as it selects
+        integer_indices = func is aten.index.Tensor and all(
+            i is None or not (i.dtype.is_floating_point or i.dtype in (torch.bool, torch.uint8)) for i in args[1])
+        if not integer_indices:
+            return "an output whose shape depends on values"
+    return None
 
 
 class RecordingError(RuntimeError):
@@ -52,6 +66,17 @@ class Recorder(TorchDispatchMode):
         super().__init__()
         self.graph = graph
         self._in_kernel = False
+        self._held: dict[int, int] = {}  # storages the graph's outputs keep alive -> bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory the recorded outputs keep for the graph's lifetime."""
+        return sum(self._held.values())
+
+    def _hold(self, outputs) -> None:
+        for t in outputs:
+            if isinstance(t, torch.Tensor):
+                self._held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
 
     def __enter__(self) -> "Recorder":
         global active
@@ -85,14 +110,16 @@ class Recorder(TorchDispatchMode):
             self.graph.add_kernel(name, (*args, *outputs))
         except RuntimeError as exc:
             raise RecordingError(str(exc).splitlines()[0]) from exc
+        self._hold(outputs)
         return result
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if self._in_kernel or func in _ALLOCATIONS:
             return func(*args, **kwargs)
-        if func in _REFUSED:
-            raise RecordingError(f"{func}: {_REFUSED[func]}")
+        refusal = _refusal(func, args)
+        if refusal is not None:
+            raise RecordingError(f"{func}: {refusal}")
         result = func(*args, **kwargs)
         schema = func._schema
         name, overload = schema.name, schema.overload_name
@@ -117,3 +144,4 @@ class Recorder(TorchDispatchMode):
             self.graph.add_operator(name, overload, list(args), dict(kwargs), outputs)
         except RuntimeError as exc:
             raise RecordingError(f"{func}: {str(exc).splitlines()[0]}") from exc
+        self._hold(outputs)

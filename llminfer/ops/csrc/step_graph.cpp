@@ -5,6 +5,7 @@
 
 #include "step_graph.h"
 
+#include <ATen/ScalarOps.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 
@@ -18,6 +19,19 @@ namespace {
 std::unordered_map<std::string, NodeFactory>& graph_kernels() {
   static std::unordered_map<std::string, NodeFactory> kernels;
   return kernels;
+}
+
+// An argument as the schema types it; a Python number passed for a tensor (x * 2) becomes the 0-dim "wrapped
+// number" tensor that Python's own call makes of it, so that type promotion stays the same.
+c10::IValue to_ivalue(const pybind11::handle& value, const c10::Argument& argument) {
+  const bool number = pybind11::isinstance<pybind11::int_>(value) || pybind11::isinstance<pybind11::float_>(value) ||
+                      pybind11::isinstance<pybind11::bool_>(value);
+  if (number && argument.type()->kind() == c10::TypeKind::TensorType) {
+    at::Tensor wrapped = c10::scalar_to_tensor(torch::jit::toIValue(value, c10::NumberType::get()).toScalar());
+    wrapped.unsafeGetTensorImpl()->set_wrapped_number(true);
+    return wrapped;
+  }
+  return torch::jit::toIValue(value, argument.type());
 }
 
 class StepGraph {
@@ -38,9 +52,9 @@ class StepGraph {
     for (size_t i = 0; i < schema.arguments().size(); ++i) {
       const auto& argument = schema.arguments()[i];
       if (i < args.size()) {
-        stack.push_back(torch::jit::toIValue(args[i], argument.type()));
+        stack.push_back(to_ivalue(args[i], argument));
       } else if (kwargs.contains(argument.name())) {
-        stack.push_back(torch::jit::toIValue(kwargs[argument.name().c_str()], argument.type()));
+        stack.push_back(to_ivalue(kwargs[argument.name().c_str()], argument));
       } else {
         TORCH_CHECK(argument.default_value().has_value(), name, ": no value for argument ", argument.name());
         stack.push_back(*argument.default_value());
