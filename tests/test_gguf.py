@@ -214,3 +214,37 @@ def test_gguf_tensor_names_map_to_hf():
     assert hf_name("blk.0.ffn_down.weight", LLAMA) == "model.layers.0.mlp.down_proj.weight"
     assert hf_name("output_norm.weight", LLAMA) == "model.norm.weight"
     assert hf_name("rope_freqs.weight", LLAMA) is None
+
+
+@pytest.mark.slow
+def test_a_requantized_gguf_has_the_same_metadata_and_the_same_weights_in_q8_0(smollm2_gguf, tmp_path):
+    """What `bench latency --compare llama.cpp --quantization a16w8` runs llama.cpp on."""
+    import gguf
+    import numpy as np
+
+    from llminfer.cli.llama_cpp_peer import requantized_gguf
+
+    source = tmp_path / smollm2_gguf.name
+    source.symlink_to(smollm2_gguf)
+    written = requantized_gguf(str(source), "Q8_0", lambda message: None)
+    assert written == str(tmp_path / f"{source.stem}.as-Q8_0.gguf") and not list(tmp_path.glob("*.partial"))
+    assert requantized_gguf(str(source), "Q8_0", pytest.fail) == written  # written once
+    old, new = gguf.GGUFReader(source), gguf.GGUFReader(written)
+    assert {k: f.contents() for k, f in old.fields.items() if not k.startswith("GGUF.")} == \
+           {k: f.contents() for k, f in new.fields.items() if not k.startswith("GGUF.")}
+    new_tensors = {t.name: t for t in new.tensors}
+    assert [t.name for t in old.tensors] == list(new_tensors)
+    for tensor in old.tensors:
+        again = new_tensors[tensor.name]
+        assert list(again.shape) == list(tensor.shape)
+        if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
+            assert again.tensor_type == tensor.tensor_type and np.array_equal(again.data, tensor.data)
+            continue
+        assert again.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        blocks = values.reshape(-1, 32)
+        error = np.abs(gguf.quants.dequantize(again.data, again.tensor_type).reshape(-1, 32) - blocks)
+        # Q8_0: 34 bytes a block, its float16 scale d (|max| / 127) then 32 int8 values; they are rounded with d
+        # before d is rounded to float16 (as llama.cpp does): half a step, plus up to 127 x d's rounding (2^-11 d)
+        scales = np.asarray(again.data).reshape(-1, 34)[:, :2].copy().view(np.float16).astype(np.float32)
+        assert (error <= np.abs(scales) * (0.5 + 127 * 2.0 ** -11) * 1.001 + 1e-7).all(), tensor.name

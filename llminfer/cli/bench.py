@@ -156,14 +156,23 @@ def measure_transformers(model_path: str, dtype: str, device: str, prompts: list
 
 
 def measure_llama_cpp(model: str, prompts: list[list[int]], output_len: int, iters: int,
-                      log: Callable[[str], None]) -> LatencyResult:
-    """llama.cpp on the model's GGUF file, with this process's thread count (see cli/llama_cpp_peer.py)."""
+                      log: Callable[[str], None], weights: str | None = None) -> LatencyResult:
+    """llama.cpp on the model's GGUF file (or its weights requantized to `weights`, e.g. Q8_0), with this process's
+    thread count (see cli/llama_cpp_peer.py)."""
     from llminfer.cli import llama_cpp_peer
 
-    runs, _ = llama_cpp_peer.measure(gguf_file_of(model), prompts, output_len, iters, torch.get_num_threads(), log)
+    gguf = gguf_file_of(model)
+    if weights is not None:
+        gguf = llama_cpp_peer.requantized_gguf(gguf, weights, log)
+    runs, _ = llama_cpp_peer.measure(gguf, prompts, output_len, iters, torch.get_num_threads(), log)
     for i, (ttft, decode) in enumerate(runs):
         log(f"llama.cpp run {i + 1}/{iters}: ttft {ttft * 1e3:.0f} ms, decode {decode:.2f} s")
-    return _median_result("llama.cpp", runs, sum(map(len, prompts)), output_len * len(prompts))
+    label = f"llama.cpp {weights}" if weights else "llama.cpp"
+    return _median_result(label, runs, sum(map(len, prompts)), output_len * len(prompts))
+
+
+# What llama.cpp runs beside each of our schemes: the same bits per weight where it has them (int8: Q8_0).
+LLAMA_CPP_WEIGHTS = {"a16w8": "Q8_0", "a8w8": "Q8_0"}
 
 
 def gguf_file_of(model: str) -> str:
@@ -227,7 +236,9 @@ def latency_command(args: argparse.Namespace) -> int:
                   max_num_seqs=args.batch_size, enable_prefix_caching=False)
         results.append(measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=_label(llm, other)))
     if args.compare == "llama.cpp":
-        results.append(measure_llama_cpp(args.model, prompts, args.output_len, args.iters, log))
+        scheme = llm.model.quantization.scheme if llm.model.quantization is not None else None
+        results.append(measure_llama_cpp(args.model, prompts, args.output_len, args.iters, log,
+                                         LLAMA_CPP_WEIGHTS.get(scheme)))
     if args.compare == "hf":
         del llm
         results.append(measure_transformers(args.model, dtype, args.device, prompts, args.output_len,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from llminfer.errors import LLMInferError
@@ -25,6 +27,47 @@ INSTALL_HINT = ("--compare llama.cpp needs llama-cpp-python (an optional extra, 
 def check_available() -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         raise LLMInferError(INSTALL_HINT)
+
+
+def requantized_gguf(source: str, type_name: str, log: Callable[[str], None]) -> str:
+    """The same weights as GGUF `source` with every quantized matrix in llama.cpp's `type_name` (Q8_0 beside a Q4_1
+    file: int8 against our int8 weights, which come from the same dequantized values): dequantized and quantized
+    again with the `gguf` package's quantizers, metadata and float tensors copied. Written once, beside the source
+    (through a temporary file, so a stopped run leaves nothing half-written)."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    path = Path(source)
+    target = path.with_name(f"{path.stem}.as-{type_name}.gguf")
+    if target.is_file():
+        return str(target)
+    log(f"llama.cpp: writing {target.name} (the weights of {path.name} as {type_name}) ...")
+    reader = gguf.GGUFReader(path)
+    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    partial = target.with_name(target.name + f".{os.getpid()}.partial")
+    writer = gguf.GGUFWriter(partial, reader.fields["general.architecture"].contents())
+    try:
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name == "general.architecture":
+                continue  # the writer's own
+            array = field.types[0] == gguf.GGUFValueType.ARRAY
+            writer.add_key_value(field.name, field.contents(), field.types[0],
+                                 sub_type=field.types[-1] if array else None)
+        for tensor in reader.tensors:
+            if tensor.tensor_type in float_types or tensor.tensor_type == qtype:
+                writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+                continue
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # numpy order [..., ne0]
+            writer.add_tensor(tensor.name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return str(target)
 
 
 def measure(gguf: str, prompts: list[list[int]], output_len: int, iters: int, threads: int,
