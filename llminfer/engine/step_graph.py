@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from llminfer.kv_cache.paged import DecodeBatch, PagedAttentionBackend, StepPlan
 from llminfer.layers.attention import AttentionMetadata, ForwardContext
 from llminfer.model.base import CausalLM
 from llminfer.ops import cpu_kernels, recording
+
+if TYPE_CHECKING:
+    from llminfer.engine.model_runner import StepInputs  # the runner imports this module
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ class _DecodeGraph:
         self.graph = cpu_kernels.kernels().StepGraph()
         self.logits: torch.Tensor | None = None
 
-    def fill(self, step, block_size: int) -> None:
+    def fill(self, step: StepInputs, block_size: int) -> None:
         self.input_ids.numpy()[:] = step.input_ids
         self.positions.numpy()[:] = step.positions
         slots = self.slot_blocks.numpy()
@@ -48,10 +52,11 @@ class _DecodeGraph:
         self.block_tables.numpy()[:, : len(step.block_tables[0])] = step.block_tables
         self.context_lens.numpy()[:] = step.context_lens
 
-    def plan(self, batch_size: int) -> StepPlan:
-        decodes = list(range(batch_size))
+    def plan(self) -> StepPlan:
+        """What the attention layers read: these tensors, every sequence a single-token decode."""
+        batch_size = len(self.input_ids)
         batch = DecodeBatch(self.block_tables, self.context_lens, num_shared=0)
-        return StepPlan(self.slot_blocks, self.slot_offsets, decodes, torch.arange(batch_size), batch,
+        return StepPlan(self.slot_blocks, self.slot_offsets, list(range(batch_size)), torch.arange(batch_size), batch,
                         pure_decode=True)
 
 
@@ -78,7 +83,7 @@ class DecodeGraphs:
             return "step graphs do not record collectives (tensor parallel)"
         return cpu_kernels.build_requirement()
 
-    def run(self, step) -> torch.Tensor | None:
+    def run(self, step: StepInputs) -> torch.Tensor | None:
         """The logits [B, V] of a pure-decode step, replayed (or recorded now); None when the step must run eagerly.
         The tensor is the graph's own: the next step of this batch size overwrites it."""
         batch_size = len(step.input_ids)
@@ -95,12 +100,12 @@ class DecodeGraphs:
         self.replays += 1
         return decode.logits
 
-    def _record(self, batch_size: int, step) -> torch.Tensor | None:
+    def _record(self, batch_size: int, step: StepInputs) -> torch.Tensor | None:
         decode = _DecodeGraph(batch_size, self.max_blocks, self.model.device)
         decode.fill(step, self.cache.block_size)
         metadata = AttentionMetadata(step.query_start_loc, step.context_lens, decode.slot_blocks,
                                      decode.block_tables)
-        self.backend.use_plan(metadata, decode.plan(batch_size))
+        self.backend.use_plan(metadata, decode.plan())
         start = time.perf_counter()
         try:
             with recording.Recorder(decode.graph) as recorder:
