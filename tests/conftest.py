@@ -161,7 +161,10 @@ def int8_activation_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def emulated_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """float64: int8 activation blocks times int8 weights, exact integer dot per block, then both scales."""
+    """float64: int8 activation blocks times int8 weights [N, K], exact integer dot per block, then both scales
+    (a last block that K does not fill zero padded)."""
+    padding = -x.shape[1] % 32
+    x, qweight = torch.nn.functional.pad(x, (0, padding)), torch.nn.functional.pad(qweight, (0, padding))
     xq, block_scale = int8_activation_blocks(x)
     w = qweight.double().reshape(qweight.shape[0], x.shape[1] // 32, 32)
     per_block = torch.einsum("mbi,nbi->mnb", xq, w)  # exact in float64 (|sum| < 2**20)

@@ -4,16 +4,17 @@ also runs the AVX2 path). Nothing here times anything."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import emulated_int4_linear, emulated_int8_linear
 
 from llminfer.ops import OPS, cpu_kernels, reference_ops, resolve_ops
 from llminfer.ops.attention import paged_decode_attention_reference, quantize_kv, write_kv_reference
-from llminfer.ops.linear import INT4_LAYOUTS
+from llminfer.ops.linear import INT4_LAYOUTS, INT8_LAYOUTS
 from llminfer.quantization import functional as Q
 
 pytestmark = pytest.mark.skipif(cpu_kernels.unavailable_reason() is not None,
                                 reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-BLOCKS32 = INT4_LAYOUTS["blocks32"]
+BLOCKS32, TILES = INT4_LAYOUTS["blocks32"], INT8_LAYOUTS["tiles4x64"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def test_every_instruction_set_variant_this_cpu_runs_is_listed(kernels):
 
 # --- quantized products --------------------------------------------------------------------------------------
 
-SHAPES = [(1, 576, 1536), (1, 1536, 576), (3, 64, 100), (16, 96, 7), (5, 32, 1), (37, 160, 45)]
+SHAPES = [(1, 576, 1536), (1, 1536, 576), (3, 64, 100), (16, 96, 7), (5, 32, 1), (37, 160, 45), (2, 48, 10),
+          (6, 100, 13)]  # K = 48, 100: a last block K does not fill
 
 
 def random_activations(m, k, generator):
@@ -51,14 +53,16 @@ def test_int8_linear_equals_the_emulated_arithmetic_and_is_close_to_the_float_pr
     scales = torch.rand(n, generator=generator) * 0.02
     expected = emulated_int8_linear(x, qweight, scales)
     exact = x.double() @ (qweight.double() * scales.double()[:, None]).T
+    tiles = TILES.pack(qweight)
+    assert tiles.shape == (-(-n // 4), -(-k // 64), 4, 64)  # rows padded to tiles of 4, K to 64
     for isa in kernels.supported_isas():
-        y = kernels.int8_linear(x, qweight, scales, isa)
+        y = kernels.int8_linear(x, tiles, scales, isa)
         assert y.shape == (m, n) and y.dtype == torch.float32
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
         # int8 activations: the error against the float product is a fraction of a percent of its scale
         assert (y.double() - exact).abs().max() <= 0.02 * exact.abs().max()
         # bfloat16 in (and bfloat16 scales): the same arithmetic on the rounded inputs, rounded out
-        y16 = kernels.int8_linear(x.bfloat16(), qweight, scales.bfloat16(), isa)
+        y16 = kernels.int8_linear(x.bfloat16(), tiles, scales.bfloat16(), isa)
         assert y16.dtype == torch.bfloat16
         expected16 = emulated_int8_linear(x.bfloat16().float(), qweight, scales.bfloat16().float())
         torch.testing.assert_close(y16.double(), expected16, rtol=1e-2, atol=1e-2 * expected16.abs().max().item())
@@ -103,14 +107,29 @@ def test_the_blocks32_layout_gives_back_levels_and_a_grid_that_pack_to_the_same_
     torch.testing.assert_close(kernels.dequantize_int4(qweight, table, 96, torch.bfloat16), expected.bfloat16())
 
 
+def test_the_tiles4x64_layout_gives_back_the_rows_and_dequantizes_to_them(kernels):
+    for n, k in [(10, 96), (4, 64), (1, 48), (7, 130)]:
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scales = torch.rand(n)
+        tiles = TILES.pack(q)
+        assert torch.equal(TILES.rows(tiles, n, k), q)
+        assert tiles.flatten()[:64].tolist() == F.pad(q[0], (0, max(0, 64 - k)))[:64].tolist()  # row 0, chunk 0 first
+        expected = q.float() * scales[:, None]
+        torch.testing.assert_close(kernels.dequantize_int8(tiles, scales, k, torch.float32), expected)
+        torch.testing.assert_close(kernels.dequantize_int8(tiles, scales, k, torch.bfloat16), expected.bfloat16())
+
+
 def test_the_kernels_refuse_what_they_cannot_compute(kernels):
-    x, qweight, scales = torch.randn(2, 48), torch.zeros(4, 48, dtype=torch.int8), torch.ones(4)
-    with pytest.raises(RuntimeError, match="K = 48 is not a multiple of 32"):
-        kernels.int8_linear(x, qweight, scales, "auto")
+    scales = torch.ones(4)
+    with pytest.raises(RuntimeError, match=r"qweight: int8 \[1, Kp / 64, 4, 64\] contiguous \(tiles4x64 layout\)"):
+        kernels.int8_linear(torch.randn(2, 64), torch.zeros(4, 64, dtype=torch.int8), scales, "auto")
+    tiles = TILES.pack(torch.zeros(4, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="x has 128 columns, the weight 64 padded columns"):
+        kernels.int8_linear(torch.randn(2, 128), tiles, scales, "auto")
     with pytest.raises(RuntimeError, match="unknown instruction set 'sse9'"):
-        kernels.int8_linear(torch.randn(2, 64), torch.zeros(4, 64, dtype=torch.int8), scales, "sse9")
+        kernels.int8_linear(torch.randn(2, 64), tiles, scales, "sse9")
     with pytest.raises(RuntimeError, match="x: float32 or bfloat16"):
-        kernels.int8_linear(torch.randn(2, 64).half(), torch.zeros(4, 64, dtype=torch.int8), scales, "auto")
+        kernels.int8_linear(torch.randn(2, 64).half(), tiles, scales, "auto")
     with pytest.raises(RuntimeError, match=r"table: float16 \[N, Kp / 32, 2\]"):
         kernels.int4_linear(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.zeros(4, 2, 2), "auto")
     with pytest.raises(RuntimeError, match="x has 128 columns, the weight 64 padded levels"):
@@ -123,16 +142,20 @@ def test_the_op_implementations_cover_every_row_count_and_fall_back_for_other_dt
     assert ops.names()["int8_weight_linear"] == "cpu_int8" and ops.names()["int4_weight_linear"] == "cpu_int4"
     qweight = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
     scales = torch.rand(64) * 0.01
+    tiles = TILES.pack(qweight)  # the layout cpu_int8 reads
     for rows in (1, 40, 100):  # decode, a small batch, a prompt (bfloat16 prompts may take the dequantized matmul)
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, 96, dtype=dtype)
-            y = ops.int8_weight_linear(x, qweight, scales)
+            y = ops.int8_weight_linear(x, tiles, scales)
             assert y.dtype == dtype
             expected = emulated_int8_linear(x.float(), qweight, scales)
             torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
-    half = torch.randn(3, 96, dtype=torch.float16)  # not a kernel dtype: the reference's product
-    torch.testing.assert_close(ops.int8_weight_linear(half, qweight, scales.half()),
-                               reference.int8_weight_linear(half, qweight, scales.half()))
+    half = torch.randn(3, 96, dtype=torch.float16)  # not a kernel dtype: the dequantized weight's float product
+    y = ops.int8_weight_linear(half, tiles, scales.half())
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, reference.int8_weight_linear(half, qweight, scales.half()), rtol=3e-2, atol=3e-3)
+    exact = half.double() @ (qweight.double() * scales.half().double()[:, None]).T
+    torch.testing.assert_close(y.double(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())
 
 
 def test_an_a16w4_model_with_the_kernel_gives_the_references_logits_within_int8_activation_error(

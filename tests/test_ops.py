@@ -101,6 +101,7 @@ def test_prefill_attention_equals_float64_causal_attention(window):
 
 
 def test_quantized_products_equal_the_dequantized_float_product():
+    from llminfer.ops.linear import INT8_LAYOUTS
     from llminfer.quantization import functional as Q
 
     x = torch.randn(3, 64)
@@ -110,7 +111,8 @@ def test_quantized_products_equal_the_dequantized_float_product():
     for impl in every_implementation("int8_weight_linear"):
         # cpu_int8 quantizes the activations too (int8, blocks of 32): exact against that arithmetic in float64
         expected = emulated_int8_linear(x, q8, s8) if impl.name == "cpu_int8" else x.double() @ dequantized.T
-        torch.testing.assert_close(impl.fn(x, q8, s8.float()).double(), expected, atol=1e-3, rtol=1e-3,
+        packed = INT8_LAYOUTS[impl.weight_layout].pack(q8)  # the layout its layers hold
+        torch.testing.assert_close(impl.fn(x, packed, s8.float()).double(), expected, atol=1e-3, rtol=1e-3,
                                    msg=impl.name)
     xq, xs = Q.quantize_int8_per_token(x, x.abs().amax(-1, keepdim=True))
     exact = (xq.double() * xs.double()) @ dequantized.T

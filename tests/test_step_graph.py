@@ -93,8 +93,8 @@ def test_the_recorder_refuses_what_a_replay_would_freeze():
                   x.view(3, 1, 8), torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8), None, None,
                   torch.zeros(3, 1, dtype=torch.long), torch.ones(3, dtype=torch.long), 0, 1.0, None),
               "op paged_decode_attention: implementation 'reference' cannot be recorded"),
-             (lambda: cpu_kernels.kernels().dequantize_int8(torch.ones(4, 32, dtype=torch.int8), torch.ones(4),
-                                                            torch.float32),
+             (lambda: cpu_kernels.kernels().dequantize_int8(torch.ones(1, 1, 4, 64, dtype=torch.int8), torch.ones(4),
+                                                            32, torch.float32),
               "kernel dequantize_int8 cannot be replayed")]
     for fn, message in cases:
         with pytest.raises(RecordingError, match=message):

@@ -37,7 +37,37 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return F.linear(x, weight, bias)
 
 
-@implement("int8_weight_linear", "reference", capturable=True)
+# --- int8 weight layouts: how each implementation holds its weights, packed once at load ----------------------
+
+@dataclass(frozen=True)
+class Int8Layout:
+    pack: Callable[[torch.Tensor], torch.Tensor]  # int8 [N, K] -> qweight in the layout
+    rows: Callable[[torch.Tensor, int, int], torch.Tensor]  # (qweight, N, K) -> int8 [N, K] again
+
+
+TILE_ROWS, TILE_COLUMNS = 4, 64
+
+
+def _pack_tiles4x64(q: torch.Tensor) -> torch.Tensor:
+    """Our kernel's layout (ops/csrc/quantized_linear.cpp): rows in tiles of 4 and K in chunks of 64 (both zero
+    padded), each tile [K/64, 4, 64], so that the kernel reads a tile as one sequential stream."""
+    n, k = q.shape
+    padded_n, padded_k = -(-n // TILE_ROWS) * TILE_ROWS, -(-k // TILE_COLUMNS) * TILE_COLUMNS
+    padded = F.pad(q, (0, padded_k - k, 0, padded_n - n))
+    tiles = padded.view(padded_n // TILE_ROWS, TILE_ROWS, padded_k // TILE_COLUMNS, TILE_COLUMNS)
+    return tiles.transpose(1, 2).contiguous()
+
+
+def _tiles4x64_rows(qweight: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    tiles = qweight.transpose(1, 2)  # [N/4, 4, K/64, 64]
+    return tiles.reshape(-1, qweight.shape[1] * TILE_COLUMNS)[:n, :k].contiguous()
+
+
+INT8_LAYOUTS = {"rows": Int8Layout(lambda q: q, lambda qweight, n, k: qweight),
+                "tiles4x64": Int8Layout(_pack_tiles4x64, _tiles4x64_rows)}
+
+
+@implement("int8_weight_linear", "reference", weight_layout="rows", capturable=True)
 def int8_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.ops.aten._weight_int8pack_mm(x, qweight, scales.to(x.dtype))
@@ -45,7 +75,7 @@ def int8_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales:
 
 
 def _kernel_takes(x: torch.Tensor) -> bool:
-    return cpu_kernels.takes(x) and x.shape[1] % 32 == 0 and x.shape[0] > 0
+    return cpu_kernels.takes(x) and x.shape[0] > 0
 
 
 PROMPT_ROWS = 64  # from this many bfloat16 rows, dequantize + a bfloat16 matmul beats integer dot products
@@ -57,17 +87,18 @@ def _bf16_matmul_wins(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.shape[0] >= PROMPT_ROWS and cpu_kernels.has_bf16_dot_products()
 
 
-@implement("int8_weight_linear", "cpu_int8", devices=("cpu",), priority=10,
+@implement("int8_weight_linear", "cpu_int8", devices=("cpu",), priority=10, weight_layout="tiles4x64",
            requirement=cpu_kernels.build_requirement, capturable=True)
 def int8_weight_linear_cpu_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Activations quantized to int8 in blocks of 32 inside the kernel, int8 x int8 dot products, per-block and
-    per-row scales (ops/csrc/quantized_linear.cpp; AVX2, AVX-VNNI or AVX-512 VNNI). K not a multiple of 32, or a
-    dtype other than float32/bfloat16, runs the reference; a bfloat16 prompt may take the dequantized matmul."""
-    if not _kernel_takes(x):
-        return int8_weight_linear_reference(x, qweight, scales)
-    if _bf16_matmul_wins(x):
-        return F.linear(x, cpu_kernels.kernels().dequantize_int8(qweight, scales, x.dtype))
-    return cpu_kernels.kernels().int8_linear(x.contiguous(), qweight, scales, cpu_kernels.isa())
+    """Activations quantized to int8 in blocks of 32 inside the kernel (the last block zero padded), int8 x int8
+    dot products, per-block and per-row scales (ops/csrc/quantized_linear.cpp; AVX2, AVX-VNNI or AVX-512 VNNI),
+    weights in the tiles4x64 layout. Other dtypes (float16) and bfloat16 prompts take the dequantized weight
+    through a float matmul."""
+    kernels = cpu_kernels.kernels()
+    if _kernel_takes(x) and not _bf16_matmul_wins(x):
+        return kernels.int8_linear(x.contiguous(), qweight, scales, cpu_kernels.isa())
+    dtype = x.dtype if cpu_kernels.takes(x) else torch.float32
+    return F.linear(x, kernels.dequantize_int8(qweight, scales, x.shape[1], dtype).to(x.dtype))
 
 
 # --- int4 weight layouts: how each implementation holds its weights, packed once at load -----------------------
@@ -164,7 +195,7 @@ def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_si
     activations summed exactly per block, scaled by both blocks' scales, plus min x the block's activation sum.
     Other dtypes (float16) take the dequantized weight through a float product."""
     kernels = cpu_kernels.kernels()
-    if _kernel_takes(x) and not _bf16_matmul_wins(x):
+    if _kernel_takes(x) and x.shape[1] % 32 == 0 and not _bf16_matmul_wins(x):
         return kernels.int4_linear(x.contiguous(), qweight, table, cpu_kernels.isa())
     dtype = x.dtype if cpu_kernels.takes(x) else torch.float32
     return F.linear(x, kernels.dequantize_int4(qweight, table, x.shape[1], dtype).to(x.dtype))

@@ -22,7 +22,7 @@ from llminfer.errors import UnsupportedModelError
 from llminfer.layers.linear import Linear
 from llminfer.layers.parallel import REPLICATED, ParallelOutput, TensorSplit
 from llminfer.ops import OpSet, default_ops
-from llminfer.ops.linear import INT4_LAYOUTS
+from llminfer.ops.linear import INT4_LAYOUTS, INT8_LAYOUTS
 from llminfer.quantization import functional as Q
 from llminfer.schemes import QUANTIZATION_SCHEMES
 
@@ -101,15 +101,21 @@ class QuantizedLinear(ParallelOutput, nn.Module):
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):
-    """A16W8: y = x (q * scale)^T, int8 weights with one scale per output channel."""
+    """A16W8: y = x (q * scale)^T, int8 weights with one scale per output channel.
+
+    The checkpoint holds q [N, K] int8 and the scales [N]; after loading, q is packed into the weight layout of
+    the OpSet's int8 implementation (ops.linear.INT8_LAYOUTS), and a save reads it back as [N, K]."""
 
     scheme = "a16w8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16, ops: OpSet | None = None) -> None:
         super().__init__(in_features, out_features, bias, compute_dtype, ops)
-        self.qweight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8))  # [N, K]
+        self.qweight = _frozen(torch.zeros(out_features, in_features, dtype=torch.int8))  # [N, K] until packed
+        self.qweight.weight_loader = self._load_plain_qweight
         self.scales = _frozen(torch.ones(out_features, dtype=compute_dtype))  # [N]; the kernel wants x's dtype
+        self.layout = INT8_LAYOUTS[self.ops.weight_layout("int8_weight_linear")]
+        self.packed = False
 
     @classmethod
     def from_float(cls, linear: Linear, config: QuantizationConfig, **state: torch.Tensor) -> "Int8WeightOnlyLinear":
@@ -117,8 +123,19 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         q, scale = Q.quantize_int8_per_channel(linear.weight)
         layer.qweight.data = q.to(linear.weight.device)
         layer.scales.data = scale.to(layer.compute_dtype)
+        layer.process_weights_after_loading()
         layer._take_place_of(linear)
         return layer
+
+    def _load_plain_qweight(self, param: nn.Parameter, q: torch.Tensor, shard=None) -> None:
+        if self.packed or q.shape != param.shape or q.dtype != torch.int8:
+            raise ValueError(f"expected int8 {(self.out_features, self.in_features)}, got {q.dtype} {tuple(q.shape)}")
+        param.data = q.to(param.device).clone()
+
+    def process_weights_after_loading(self) -> None:
+        if not self.packed:
+            self.qweight.data = self.layout.pack(self.qweight.data)
+            self.packed = True
 
     def input_split(self, suffix: str, columns: TensorSplit) -> TensorSplit:
         return REPLICATED if suffix == "scales" else columns  # one scale per output channel
@@ -131,7 +148,8 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         return self._add_bias(y).reshape(*x.shape[:-1], -1)  # a vocabulary-parallel head gathers all
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales}
+        q = self.layout.rows(self.qweight, self.out_features, self.in_features) if self.packed else self.qweight
+        return {"qweight": q, "scales": self.scales}
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
@@ -281,7 +299,8 @@ class DequantizingInt8Linear(nn.Module):
 
     def __init__(self, layer: Int8WeightOnlyLinear) -> None:
         super().__init__()
-        self.qweight, self.scales, self.bias = layer.qweight, layer.scales, layer.bias
+        self.qweight, self.scales = layer.checkpoint_tensors().values()  # [N, K], whatever the kernel's layout
+        self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.qweight.to(x.dtype) * self.scales.to(x.dtype)[:, None]
