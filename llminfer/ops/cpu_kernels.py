@@ -26,7 +26,7 @@ from llminfer.ops import recording
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("quantized_linear.cpp", "decode_ops.cpp", "step_graph.cpp")]
+           for name in ("quantized_linear.cpp", "float_linear.cpp", "decode_ops.cpp", "step_graph.cpp")]
 
 
 def unavailable_reason() -> str | None:
@@ -169,3 +169,8 @@ def takes(*tensors: torch.Tensor) -> bool:
 def isa() -> str:
     """The instruction set the kernels use: LLMINFER_CPU_ISA (read once), or 'auto' (the best this CPU has)."""
     return os.environ.get("LLMINFER_CPU_ISA", "auto")
+
+
+def bf16_isa() -> str:
+    """The bfloat16 kernel's path: AVX2 when LLMINFER_CPU_ISA asks for a 256-bit one, else the best this CPU has."""
+    return "avx2" if isa() in ("avx2", "avx_vnni") else "auto"

@@ -563,10 +563,12 @@ std::vector<std::string> supported_isas() {
   return isas;
 }
 
-void register_decode_ops(pybind11::module& m);  // decode_ops.cpp
+void register_decode_ops(pybind11::module& m);     // decode_ops.cpp
+void register_float_linear(pybind11::module& m);  // float_linear.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_ops(m);
+  register_float_linear(m);
   llminfer::register_step_graph(m);
   llminfer::register_graph_kernel("int8_linear", llminfer::node_factory(&int8_linear_out));
   llminfer::register_graph_kernel("int4_linear", llminfer::node_factory(&int4_linear_out));
