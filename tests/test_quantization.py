@@ -411,9 +411,10 @@ def test_quantize_command_bad_input(tiny_llama_folder, tiny_chat_folder, tmp_pat
 
 # How far float32 must prefer its token for the quantized model to be held to the same choice. int4 weights and
 # int8 per-token activations (A8W8, +2.4% perplexity against A16W8's +0.4%) move SmolLM2's logits by up to ~1:
-# measured, A8W8 flips float32 margins up to 0.59 on "Water boils at", and A16W8's int8 weights alone (reference ops,
-# float32 compute, on a Xeon with AMX) flip its 0.35 margin between "0" and "1" there. The chat answer to "What is the capital of
-# France?" ("The capital of France is Paris." or "L'Etoile, la Marseillaise, ...") is a near-tie in float32 itself
+# measured, A8W8 flips float32 margins up to 0.59 on "Water boils at", and A16W8's int8 weights alone (reference
+# ops, float32 compute, on a Xeon with AMX) flip its 0.35 margin between "0" and "1" there. The chat answer to "What
+# is the capital of France?" ("The capital of France is Paris." or "L'Etoile, la Marseillaise, ...") is a near-tie
+# in float32 itself
 # ("The" 25.33 against "L'" 25.24), so int4 weights, int8 activations or bfloat16 rounding decide it either way.
 CLEAR_MARGIN = {"a16w8": 0.5, "a16w4": 1.0, "a8w8": 1.0}
 
