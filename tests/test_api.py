@@ -218,6 +218,26 @@ def test_threads_default_to_the_cores_this_process_may_use_and_are_split_among_l
         EngineConfig(threads=0)
 
 
+def test_openmp_threads_spin_briefly_unless_the_user_chose_and_peers_get_the_users_environment():
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, sys; {first}import llminfer; from llminfer.cli.llama_cpp_peer import peer_environment; "
+             "print(os.environ.get('GOMP_SPINCOUNT'), peer_environment().get('GOMP_SPINCOUNT'))")
+
+    def run(first="", **env):
+        clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "LLMINFER_OMP_DEFAULTS")}
+        done = subprocess.run([sys.executable, "-c", probe.format(first=first)], capture_output=True, text=True,
+                              env={**clean, **env}, check=True)
+        return done.stdout.split()
+
+    assert run() == ["1000", "None"]  # ours spin 1000 times; llama.cpp's OpenMP threads keep libgomp's default
+    assert run(GOMP_SPINCOUNT="50000") == ["50000", "50000"]  # the user's choice, for both
+    assert run(first="import torch; ") == ["None", "None"]  # torch (libgomp) loaded first: too late, left alone
+    assert run(LLMINFER_OMP_DEFAULTS="keep") == ["None", "None"]
+
+
 def test_sharded_hf_folder_loads_like_the_single_file(tmp_path):
     from conftest import make_hf_model
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -245,6 +246,7 @@ def latency_command(args: argparse.Namespace) -> int:
                                             args.iters, log))
     report = {
         "model": args.model, "dtype": dtype, "device": args.device, "threads": torch.get_num_threads(),
+        "omp_spin_count": os.environ.get("GOMP_SPINCOUNT", "libgomp's default"),
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "prefix_cache_hit_tokens": prefix_hits,
         "results": [asdict(r) for r in results],
@@ -264,8 +266,9 @@ def latency_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"model {args.model}  dtype {dtype}  device {args.device}  threads {report['threads']}  "
-          f"batch {args.batch_size}  input {args.input_len}  output {args.output_len}")
+    print(f"model {args.model}  dtype {dtype}  device {args.device}  threads {report['threads']} "
+          f"(spin {report['omp_spin_count']})  batch {args.batch_size}  input {args.input_len}  "
+          f"output {args.output_len}")
     _print_table(results, [("prefill tok/s", "prefill_tokens_per_s", ".1f"),
                            ("decode tok/s", "decode_tokens_per_s", ".1f"),
                            ("TTFT ms", "ttft_ms", ".1f")])
@@ -331,6 +334,7 @@ def throughput_command(args: argparse.Namespace) -> int:
     contiguous_slots = min(args.num_prompts, args.max_num_seqs) * llm.engine.max_model_len
     report = {
         "model": args.model, "dtype": dtype, "device": args.device, "threads": torch.get_num_threads(),
+        "omp_spin_count": os.environ.get("GOMP_SPINCOUNT", "libgomp's default"),
         "num_prompts": args.num_prompts, "input_len": args.input_len, "prefix_len": args.prefix_len,
         "output_len": args.output_len, "prefix_caching": not args.no_prefix_caching,
         "kv_block_size": stats.block_size, "kv_blocks_total": stats.total_blocks,
@@ -357,7 +361,8 @@ def throughput_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"model {args.model}  dtype {dtype}  threads {report['threads']}  prompts {args.num_prompts}  "
+    print(f"model {args.model}  dtype {dtype}  threads {report['threads']} (spin {report['omp_spin_count']})  "
+          f"prompts {args.num_prompts}  "
           f"input {args.input_len} (+{args.prefix_len} shared)  output {args.output_len}")
     _print_table(results, [("seconds", "seconds", ".1f"), ("req/s", "requests_per_s", ".2f"),
                            ("out tok/s", "output_tokens_per_s", ".1f"), ("total tok/s", "total_tokens_per_s", ".1f")])

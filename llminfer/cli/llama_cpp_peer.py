@@ -70,6 +70,17 @@ def requantized_gguf(source: str, type_name: str, log: Callable[[str], None]) ->
     return str(target)
 
 
+def peer_environment() -> dict[str, str]:
+    """The environment as the user gave it: without the OpenMP spin count llminfer sets for itself (llminfer/__init__),
+    which llama.cpp's own OpenMP threads would otherwise read."""
+    import llminfer
+
+    env = {**os.environ, "LLMINFER_OMP_DEFAULTS": "keep"}
+    if llminfer.spin_count_defaulted:
+        env.pop("GOMP_SPINCOUNT", None)
+    return env
+
+
 def measure(gguf: str, prompts: list[list[int]], output_len: int, iters: int, threads: int,
             log: Callable[[str], None]) -> tuple[list[tuple[float, float]], list[list[int]]]:
     """(ttft seconds, decode seconds) per timed run (after one warm-up), and the greedy tokens of the last run."""
@@ -77,7 +88,7 @@ def measure(gguf: str, prompts: list[list[int]], output_len: int, iters: int, th
     job = {"gguf": gguf, "prompts": prompts, "output_len": output_len, "iters": iters, "threads": threads}
     log(f"llama.cpp: {gguf}, {threads} threads, {iters} runs (in a child process)")
     done = subprocess.run([sys.executable, "-m", "llminfer.cli.llama_cpp_peer"], input=json.dumps(job),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=peer_environment())
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise LLMInferError(f"llama.cpp failed on {gguf} (exit code {done.returncode}): {tail}")
