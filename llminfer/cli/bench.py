@@ -157,23 +157,25 @@ def measure_transformers(model_path: str, dtype: str, device: str, prompts: list
 
 
 def measure_llama_cpp(model: str, prompts: list[list[int]], output_len: int, iters: int,
-                      log: Callable[[str], None], weights: str | None = None) -> LatencyResult:
-    """llama.cpp on the model's GGUF file (or its weights requantized to `weights`, e.g. Q8_0), with this process's
-    thread count (see cli/llama_cpp_peer.py)."""
+                      log: Callable[[str], None], weights: tuple[str, str | None] | None = None
+                      ) -> tuple[LatencyResult, str]:
+    """llama.cpp on the model's GGUF file (or its weights requantized to `weights`: (matrix type, token embedding
+    type)), with this process's thread count (see cli/llama_cpp_peer.py); and the file it ran."""
     from llminfer.cli import llama_cpp_peer
 
-    gguf = gguf_file_of(model)
-    if weights is not None:
-        gguf = llama_cpp_peer.requantized_gguf(gguf, weights, log)
+    source = gguf_file_of(model)
+    gguf = llama_cpp_peer.requantized_gguf(source, *weights, log) if weights is not None else source
     runs, _ = llama_cpp_peer.measure(gguf, prompts, output_len, iters, torch.get_num_threads(), log)
     for i, (ttft, decode) in enumerate(runs):
         log(f"llama.cpp run {i + 1}/{iters}: ttft {ttft * 1e3:.0f} ms, decode {decode:.2f} s")
-    label = f"llama.cpp {weights}" if weights else "llama.cpp"
-    return _median_result(label, runs, sum(map(len, prompts)), output_len * len(prompts))
+    label = f"llama.cpp {weights[0]}" if gguf != source else "llama.cpp"
+    return _median_result(label, runs, sum(map(len, prompts)), output_len * len(prompts)), gguf
 
 
-# What llama.cpp runs beside each of our schemes: the same bits per weight where it has them (int8: Q8_0).
-LLAMA_CPP_WEIGHTS = {"a16w8": "Q8_0", "a8w8": "Q8_0"}
+# What llama.cpp runs beside each of our schemes: the same bits per weight (int4 groups of 32 with a scale and a
+# minimum: Q4_1, its token embedding Q8_0 as llama.cpp's quantizer keeps it; int8: Q8_0). The model's GGUF itself
+# when it already is that (SmolLM2's Q4_1 file), else the same weights requantized once.
+LLAMA_CPP_WEIGHTS = {"a16w4": ("Q4_1", "Q8_0"), "a16w8": ("Q8_0", None), "a8w8": ("Q8_0", None)}
 
 
 def gguf_file_of(model: str) -> str:
@@ -221,6 +223,7 @@ def latency_command(args: argparse.Namespace) -> int:
     # "prefill" into lookups (7 of 8 blocks of a 128-token prompt), overstating prefill tokens/s.
     llm = LLM(args.model, **model_options(args), max_num_seqs=args.batch_size, enable_prefix_caching=False)
     dtype = llm.config.dtype  # "auto" resolved
+    streamed = {"llminfer": weight_bytes_per_step(llm.model)}
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, llm.model_config.vocab_size - 100, (args.batch_size, args.input_len),
                             generator=generator).tolist()
@@ -238,8 +241,10 @@ def latency_command(args: argparse.Namespace) -> int:
         results.append(measure_llminfer(llm, prompts, args.output_len, args.iters, log, label=_label(llm, other)))
     if args.compare == "llama.cpp":
         scheme = llm.model.quantization.scheme if llm.model.quantization is not None else None
-        results.append(measure_llama_cpp(args.model, prompts, args.output_len, args.iters, log,
-                                         LLAMA_CPP_WEIGHTS.get(scheme)))
+        peer, peer_gguf = measure_llama_cpp(args.model, prompts, args.output_len, args.iters, log,
+                                            LLAMA_CPP_WEIGHTS.get(scheme))
+        results.append(peer)
+        streamed[peer.engine] = gguf_weight_bytes_per_step(peer_gguf)
     if args.compare == "hf":
         del llm
         results.append(measure_transformers(args.model, dtype, args.device, prompts, args.output_len,
@@ -250,6 +255,8 @@ def latency_command(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "prefix_cache_hit_tokens": prefix_hits,
         "results": [asdict(r) for r in results],
+        "memory_gb_per_s": memory_bandwidth(log),
+        "weight_gb_per_step": {engine: size / 1e9 for engine, size in streamed.items()},
     }
     if args.compare_with:
         base = results[0]
@@ -278,7 +285,53 @@ def latency_command(args: argparse.Namespace) -> int:
         ratio, peer = report[RATIO_KEYS[args.compare]], PEER_NAMES[args.compare]
         print(f"llminfer / {peer}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x, "
               f"TTFT {ratio['ttft']:.2f}x faster")
+    bandwidth = report["memory_gb_per_s"]
+    for result in results:
+        if result.engine in report["weight_gb_per_step"]:
+            size = report["weight_gb_per_step"][result.engine]
+            streamed_rate = size * result.decode_tokens_per_s / args.batch_size  # one pass over the weights a step
+            print(f"{result.engine}: decode reads {size:.3f} GB of weights a step, {streamed_rate:.1f} GB/s = "
+                  f"{streamed_rate / bandwidth:.0%} of the {bandwidth:.1f} GB/s torch.sum reads from this memory")
     return 0
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of the weights one decode step reads: every parameter and packed int4 table once, a head tied to the
+    embedding once (it reads the matrix whole), but not an embedding table the head does not share (a step reads
+    one row of it per token)."""
+    embedding = model.model.embed_tokens.weight
+    head = getattr(model.lm_head, "weight", None)
+    tied = head is not None and head.data_ptr() == embedding.data_ptr()
+    tensors = {t.data_ptr(): t for t in model.parameters()}
+    tensors.update({t.data_ptr(): t for name, t in model.named_buffers() if name.endswith(".table")})
+    if not tied:
+        tensors.pop(embedding.data_ptr(), None)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def gguf_weight_bytes_per_step(path: str) -> int:
+    """The same for a GGUF file that llama.cpp runs: every tensor but a token embedding beside its own output."""
+    import gguf
+
+    tensors = {tensor.name: int(tensor.n_bytes) for tensor in gguf.GGUFReader(path).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
+def memory_bandwidth(log: Callable[[str], None], gib: int = 1) -> float:
+    """GB/s that torch.sum reads over `gib` GiB of float32 with this process's threads (best of 3): the roofline a
+    decode step that streams its weights from memory runs against."""
+    data = torch.ones(gib * 2**28)
+    data.sum()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    rate = data.numel() * 4 / best / 1e9
+    log(f"memory: torch.sum reads {rate:.1f} GB/s over {gib} GiB ({torch.get_num_threads()} threads)")
+    return rate
 
 
 @dataclass

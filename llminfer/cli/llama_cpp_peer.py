@@ -29,22 +29,32 @@ def check_available() -> None:
         raise LLMInferError(INSTALL_HINT)
 
 
-def requantized_gguf(source: str, type_name: str, log: Callable[[str], None]) -> str:
-    """The same weights as GGUF `source` with every quantized matrix in llama.cpp's `type_name` (Q8_0 beside a Q4_1
-    file: int8 against our int8 weights, which come from the same dequantized values): dequantized and quantized
-    again with the `gguf` package's quantizers, metadata and float tensors copied. Written once, beside the source
-    (through a temporary file, so a stopped run leaves nothing half-written)."""
+def requantized_gguf(source: str, type_name: str, log: Callable[[str], None],
+                     embedding_type: str | None = None) -> str:
+    """The same weights as GGUF `source` with every matrix in llama.cpp's `type_name` (the token embedding, which a
+    tied LM head reads whole, in `embedding_type` if given, as llama.cpp's quantizer keeps it in Q8_0 beside Q4_1):
+    Q8_0 beside a Q4_1 file is int8 against our int8 weights, which come from the same dequantized values; Q4_1 or
+    Q8_0 from a float16 file (bench's random-llama-1b) is what llama.cpp runs against our int4 or int8 weights.
+    Matrices are dequantized and quantized again with the `gguf` package's quantizers, metadata and 1-D tensors
+    copied. `source` itself when it already holds those types; otherwise written once, beside it (through a
+    temporary file, so a stopped run leaves nothing half-written)."""
     import gguf
     import numpy as np
 
-    qtype = gguf.GGMLQuantizationType[type_name]
     path = Path(source)
+    reader = gguf.GGUFReader(path)
+
+    def wanted(tensor) -> gguf.GGMLQuantizationType:
+        name = embedding_type if tensor.name == "token_embd.weight" and embedding_type else type_name
+        return gguf.GGMLQuantizationType[name]
+
+    matrices = [tensor for tensor in reader.tensors if len(tensor.shape) == 2]
+    if all(tensor.tensor_type == wanted(tensor) for tensor in matrices):
+        return source
     target = path.with_name(f"{path.stem}.as-{type_name}.gguf")
     if target.is_file():
         return str(target)
     log(f"llama.cpp: writing {target.name} (the weights of {path.name} as {type_name}) ...")
-    reader = gguf.GGUFReader(path)
-    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
     partial = target.with_name(target.name + f".{os.getpid()}.partial")
     writer = gguf.GGUFWriter(partial, reader.fields["general.architecture"].contents())
     try:
@@ -54,12 +64,15 @@ def requantized_gguf(source: str, type_name: str, log: Callable[[str], None]) ->
             array = field.types[0] == gguf.GGUFValueType.ARRAY
             writer.add_key_value(field.name, field.contents(), field.types[0],
                                  sub_type=field.types[-1] if array else None)
-        for tensor in reader.tensors:
-            if tensor.tensor_type in float_types or tensor.tensor_type == qtype:
+        for i, tensor in enumerate(reader.tensors):
+            qtype = wanted(tensor)
+            if len(tensor.shape) != 2 or tensor.tensor_type == qtype:
                 writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
                 continue
             values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # numpy order [..., ne0]
             writer.add_tensor(tensor.name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+            if (i + 1) % 20 == 0:
+                log(f"llama.cpp: {i + 1}/{len(reader.tensors)} tensors quantized")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

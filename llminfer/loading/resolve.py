@@ -12,6 +12,7 @@ from llminfer.loading.default_models import ALIASES, fetch_alias
 from llminfer.loading.gguf_file import GGUFCheckpoint
 from llminfer.loading.hf_folder import HFFolderCheckpoint
 from llminfer.loading.sharded import STRATEGY, ShardedCheckpoint
+from llminfer.loading.synthetic import SYNTHETIC, synthetic_gguf
 from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 def open_checkpoint(model: str) -> Checkpoint:
     if model in ALIASES:
         return GGUFCheckpoint(fetch_alias(model), name=model)
+    if model in SYNTHETIC:
+        return GGUFCheckpoint(synthetic_gguf(model), name=model)
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix == ".gguf" or _starts_with_gguf_magic(path):
@@ -46,7 +49,7 @@ def open_checkpoint(model: str) -> Checkpoint:
         return HFFolderCheckpoint(_download_from_hub(model), name=model)
     raise ModelNotFoundError(
         f"model '{model}' not found: expected a path to a model folder or .gguf file, a hub id (org/name), "
-        f"or an alias ({', '.join(ALIASES)})"
+        f"or an alias ({', '.join([*ALIASES, *SYNTHETIC])})"
     )
 
 
