@@ -91,3 +91,19 @@ def test_the_weight_bytes_a_decode_step_reads(tiny_synthetic):
     rows = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64) + 49152
     assert int8_bytes == 2 * params_per_layer + embedding + 2 * rows + 2 * norms
     assert gguf_weight_bytes_per_step(str(tiny_synthetic)) == 2 * (2 * params_per_layer + embedding) + 4 * norms
+
+
+def test_bench_runs_llama_cpp_on_the_file_of_each_scheme(tiny_synthetic, smollm2_gguf, monkeypatch):
+    from llminfer.cli import bench, llama_cpp_peer
+
+    ran = []
+    monkeypatch.setattr(llama_cpp_peer, "measure", lambda gguf, prompts, output_len, iters, threads, log: (
+        ran.append(gguf) or ([(0.1, 1.0)] * iters, [])))
+    for model, scheme, label, file in [("random-tiny", "a16w4", "llama.cpp Q4_1", "random-tiny.F16.as-Q4_1.gguf"),
+                                       ("random-tiny", "a16w8", "llama.cpp Q8_0", "random-tiny.F16.as-Q8_0.gguf"),
+                                       ("random-tiny", None, "llama.cpp", "random-tiny.F16.gguf"),
+                                       ("smollm2-135m", "a16w4", "llama.cpp", smollm2_gguf.name)]:
+        monkeypatch.setattr(llama_cpp_peer, "check_available", lambda: None)
+        result, gguf_path = bench.measure_llama_cpp(model, [[1, 2, 3]], 4, 1, lambda message: None,
+                                                    bench.LLAMA_CPP_WEIGHTS.get(scheme))
+        assert result.engine == label and gguf_path.endswith(file) and ran[-1] == gguf_path

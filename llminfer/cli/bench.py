@@ -164,7 +164,9 @@ def measure_llama_cpp(model: str, prompts: list[list[int]], output_len: int, ite
     from llminfer.cli import llama_cpp_peer
 
     source = gguf_file_of(model)
-    gguf = llama_cpp_peer.requantized_gguf(source, *weights, log) if weights is not None else source
+    gguf = source
+    if weights is not None:
+        gguf = llama_cpp_peer.requantized_gguf(source, weights[0], log, embedding_type=weights[1])
     runs, _ = llama_cpp_peer.measure(gguf, prompts, output_len, iters, torch.get_num_threads(), log)
     for i, (ttft, decode) in enumerate(runs):
         log(f"llama.cpp run {i + 1}/{iters}: ttft {ttft * 1e3:.0f} ms, decode {decode:.2f} s")
