@@ -179,7 +179,7 @@ def test_the_op_implementations_cover_every_row_count_and_fall_back_for_other_dt
     qweight = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
     scales = torch.rand(64) * 0.01
     tiles = TILES.pack(qweight)  # the layout cpu_int8 reads
-    for rows in (1, 40, 100):  # decode, a small batch, a prompt (bfloat16 prompts may take the dequantized matmul)
+    for rows in (1, 40, 100, 300):  # decode, a small batch, prompts (from 64 | 256 rows: the dequantized matmul)
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(rows, 96, dtype=dtype)
             y = ops.int8_weight_linear(x, tiles, scales)

@@ -92,13 +92,17 @@ def _kernel_takes(x: torch.Tensor) -> bool:
     return cpu_kernels.takes(x) and x.shape[0] > 0
 
 
-PROMPT_ROWS = 64  # from this many bfloat16 rows, dequantize + a bfloat16 matmul beats integer dot products
+# From this many rows (a prompt), the weight dequantized once per call through a float matmul beats our integer dot
+# products per block of 32 (docs/PERFORMANCE.md): bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX;
+# ~2x at 128 rows and more), float32 from 256 rows (int8: 3.1 against 3.8 ms at 512 x 1536 x 576, int4: 2.9
+# against 5.1). The rows then keep their float values (no int8 activation rounding).
+PROMPT_ROWS = {torch.bfloat16: 64, torch.float32: 256}
 
 
-def _bf16_matmul_wins(x: torch.Tensor) -> bool:
-    """A prompt's many rows in bfloat16 on a CPU with bfloat16 dot products (AVX-512 BF16, AMX): the dequantized
-    weight (made once per call) through oneDNN's matmul is ~2x our int8 kernel there (docs/PERFORMANCE.md)."""
-    return x.dtype == torch.bfloat16 and x.shape[0] >= PROMPT_ROWS and cpu_kernels.has_bf16_dot_products()
+def _dequantized_matmul_wins(x: torch.Tensor) -> bool:
+    if x.dtype == torch.bfloat16 and not cpu_kernels.has_bf16_dot_products():
+        return False
+    return x.shape[0] >= PROMPT_ROWS.get(x.dtype, 1)
 
 
 @implement("int8_weight_linear", "cpu_int8", devices=("cpu",), priority=10, weight_layout="tiles4x64",
@@ -106,10 +110,10 @@ def _bf16_matmul_wins(x: torch.Tensor) -> bool:
 def int8_weight_linear_cpu_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Activations quantized to int8 in blocks of 32 inside the kernel (the last block zero padded), int8 x int8
     dot products, per-block and per-row scales (ops/csrc/quantized_linear.cpp; AVX2, AVX-VNNI or AVX-512 VNNI),
-    weights in the tiles4x64 layout. Other dtypes (float16) and bfloat16 prompts take the dequantized weight
+    weights in the tiles4x64 layout. Other dtypes (float16) and prompts (PROMPT_ROWS) take the dequantized weight
     through a float matmul."""
     kernels = cpu_kernels.kernels()
-    if _kernel_takes(x) and not _bf16_matmul_wins(x):
+    if _kernel_takes(x) and not _dequantized_matmul_wins(x):
         return kernels.int8_linear(x.contiguous(), qweight, scales, cpu_kernels.isa())
     dtype = x.dtype if cpu_kernels.takes(x) else torch.float32
     return F.linear(x, kernels.dequantize_int8(qweight, scales, x.shape[1], dtype).to(x.dtype))
@@ -207,9 +211,9 @@ def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_si
                                 table: torch.Tensor) -> torch.Tensor:
     """Q4_1-style: activations quantized to int8 in blocks of 32 inside the kernel, unsigned levels x signed
     activations summed exactly per block, scaled by both blocks' scales, plus min x the block's activation sum.
-    Other dtypes (float16) take the dequantized weight through a float product."""
+    Other dtypes (float16) and prompts (PROMPT_ROWS) take the dequantized weight through a float matmul."""
     kernels = cpu_kernels.kernels()
-    if _kernel_takes(x) and x.shape[1] % 32 == 0 and not _bf16_matmul_wins(x):
+    if _kernel_takes(x) and x.shape[1] % 32 == 0 and not _dequantized_matmul_wins(x):
         return kernels.int4_linear(x.contiguous(), qweight, table, cpu_kernels.isa())
     dtype = x.dtype if cpu_kernels.takes(x) else torch.float32
     return F.linear(x, kernels.dequantize_int4(qweight, table, x.shape[1], dtype).to(x.dtype))
