@@ -107,40 +107,45 @@ def test_the_blocks32_layout_gives_back_levels_and_a_grid_that_pack_to_the_same_
     torch.testing.assert_close(kernels.dequantize_int4(qweight, table, 96, torch.bfloat16), expected.bfloat16())
 
 
-def bf16_paths(kernels):
-    return ["avx2"] + (["avx512_bf16"] if kernels.has_avx512_bf16() else [])
+def float_paths(kernels, dtype):
+    has_512 = kernels.has_avx512_bf16() if dtype == torch.bfloat16 else "avx512f" in cpu_kernels.cpu_flags()
+    return ["avx2"] + (["avx512"] if has_512 else [])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (1, 1536, 576), (3, 64, 9), (4, 100, 13), (7, 48, 5), (1, 40, 3)])
-def test_bf16_linear_is_the_float64_product_rounded_to_bfloat16(kernels, m, k, n):
+def test_float_linear_is_the_float64_product_rounded_to_its_dtype(kernels, m, k, n, dtype):
     generator = torch.Generator().manual_seed(m * 100 + k + n)
-    x = torch.randn(m, k, generator=generator).bfloat16()
-    w = torch.randn(n, k, generator=generator).bfloat16()
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    w = torch.randn(n, k, generator=generator).to(dtype)
     exact = x.double() @ w.double().T
-    for isa in bf16_paths(kernels):
-        y = kernels.bf16_linear(x, w, isa)
-        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-        # float32 sums of exact bfloat16 products, then one rounding to bfloat16 (2**-8 relative)
-        torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-5 * k)
+    # float32 sums of exact products, then one rounding to the dtype (bfloat16: 2**-8 relative)
+    rtol = 2 ** -8 if dtype == torch.bfloat16 else 1e-5
+    for isa in float_paths(kernels, dtype):
+        y = kernels.float_linear(x, w, isa)
+        assert y.dtype == dtype and y.shape == (m, n)
+        torch.testing.assert_close(y.double(), exact, rtol=rtol, atol=1e-5 * k)
 
 
-def test_the_linear_op_takes_the_bf16_kernel_for_decode_rows_and_f_linear_otherwise(kernels):
+def test_the_linear_op_takes_the_float_kernel_for_decode_rows_and_f_linear_otherwise(kernels):
     from llminfer.ops.linear import DECODE_ROWS
 
     ops = resolve_ops(None)
-    assert ops.names()["linear"] == "cpu_bf16"
-    w, bias = torch.randn(24, 96).bfloat16(), torch.randn(24).bfloat16()
+    assert ops.names()["linear"] == "cpu_float"
+    w, bias = torch.randn(24, 96), torch.randn(24)
     for rows in (1, DECODE_ROWS, DECODE_ROWS + 1, 70):
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
             x = torch.randn(rows, 96).to(dtype)
             y = ops.linear(x, w.to(dtype), bias.to(dtype))
             assert y.dtype == dtype
             exact = x.double() @ w.to(dtype).double().T + bias.to(dtype).double()
             torch.testing.assert_close(y.double(), exact, rtol=1e-2, atol=1e-2)
-    with pytest.raises(RuntimeError, match=r"weight: bfloat16 \[N, 96\] contiguous"):
-        kernels.bf16_linear(torch.randn(1, 96).bfloat16(), torch.randn(4, 64).bfloat16(), "auto")
+    with pytest.raises(RuntimeError, match=r"weight: BFloat16 \[N, 96\] contiguous"):
+        kernels.float_linear(torch.randn(1, 96).bfloat16(), torch.randn(4, 64).bfloat16(), "auto")
+    with pytest.raises(RuntimeError, match=r"weight: Float \[N, 96\] contiguous"):
+        kernels.float_linear(torch.randn(1, 96), torch.randn(4, 96).bfloat16(), "auto")
     with pytest.raises(RuntimeError, match="unknown instruction set 'sse9'"):
-        kernels.bf16_linear(torch.randn(1, 96).bfloat16(), w, "sse9")
+        kernels.float_linear(torch.randn(1, 96), w, "sse9")
 
 
 def test_the_tiles4x64_layout_gives_back_the_rows_and_dequantizes_to_them(kernels):

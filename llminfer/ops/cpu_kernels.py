@@ -171,6 +171,6 @@ def isa() -> str:
     return os.environ.get("LLMINFER_CPU_ISA", "auto")
 
 
-def bf16_isa() -> str:
-    """The bfloat16 kernel's path: AVX2 when LLMINFER_CPU_ISA asks for a 256-bit one, else the best this CPU has."""
+def float_isa() -> str:
+    """The float kernels' path: AVX2 when LLMINFER_CPU_ISA asks for a 256-bit one, else the best this CPU has."""
     return "avx2" if isa() in ("avx2", "avx_vnni") else "auto"

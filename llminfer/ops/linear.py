@@ -37,17 +37,18 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return F.linear(x, weight, bias)
 
 
-DECODE_ROWS = 8  # up to this many rows our kernel beats oneDNN's matmul (measured: 1.5x at 4 rows, 0.8x at 16)
+DECODE_ROWS = 8  # up to this many rows our kernel beats oneDNN's matmul (bfloat16: 1.5x at 4 rows, 0.8x at 16)
 
 
-@implement("linear", "cpu_bf16", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement,
+@implement("linear", "cpu_float", devices=("cpu",), priority=10, requirement=cpu_kernels.build_requirement,
            capturable=True)
-def linear_cpu_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """bfloat16 rows of a decode step times bfloat16 weights (ops/csrc/float_linear.cpp: AVX-512 BF16 or AVX2,
-    float32 accumulation); other dtypes and prompts take the reference's F.linear."""
-    if not (x.dtype == weight.dtype == torch.bfloat16 and 0 < x.shape[0] <= DECODE_ROWS and weight.is_contiguous()):
+def linear_cpu_float(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The rows of a decode step times bfloat16 or float32 weights as stored (ops/csrc/float_linear.cpp: AVX-512
+    BF16 / AVX-512F or AVX2, float32 accumulation); other dtypes and prompts take the reference's F.linear."""
+    if not (x.dtype == weight.dtype and cpu_kernels.takes(x) and 0 < x.shape[0] <= DECODE_ROWS
+            and weight.is_contiguous()):
         return F.linear(x, weight, bias)
-    y = cpu_kernels.kernels().bf16_linear(x.contiguous(), weight, cpu_kernels.bf16_isa())
+    y = cpu_kernels.kernels().float_linear(x.contiguous(), weight, cpu_kernels.float_isa())
     return y if bias is None else y + bias
 
 
