@@ -489,6 +489,24 @@ inline uint16_t bf16_bits(float v) {  // round to nearest even (finite weights: 
   return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
+// Eight float32 as bfloat16 bits in the low halves of the lanes: the same rounding as bf16_bits.
+__attribute__((target(AVX2_TARGET))) inline __m256i bf16_rounded(const float* p) {
+  const __m256i bits = _mm256_castps_si256(_mm256_loadu_ps(p));
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+}
+
+// A row of float32 as bfloat16 bits, 16 at a time.
+__attribute__((target(AVX2_TARGET))) void bf16_row(const float* values, int64_t K, uint16_t* dst) {
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    // packus interleaves the two 128-bit lanes; the permute puts the 16 values back in order
+    const __m256i packed = _mm256_packus_epi32(bf16_rounded(values + k), bf16_rounded(values + k + 8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_permute4x64_epi64(packed, 0xd8));
+  }
+  for (; k < K; ++k) dst[k] = bf16_bits(values[k]);
+}
+
 template <typename RowFn>
 torch::Tensor dequantized(int64_t N, int64_t K, torch::ScalarType dtype, RowFn&& row) {
   TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kBFloat16, "dequantize to float32 or bfloat16");
@@ -500,8 +518,7 @@ torch::Tensor dequantized(int64_t N, int64_t K, torch::ScalarType dtype, RowFn&&
     for (int64_t n = begin; n < end; ++n) {
       row(n, values.data());
       if (to_bf16) {
-        uint16_t* dst = reinterpret_cast<uint16_t*>(out) + n * K;
-        for (int64_t k = 0; k < K; ++k) dst[k] = bf16_bits(values[k]);
+        bf16_row(values.data(), K, reinterpret_cast<uint16_t*>(out) + n * K);
       } else {
         std::memcpy(reinterpret_cast<float*>(out) + n * K, values.data(), K * sizeof(float));
       }
@@ -533,6 +550,15 @@ torch::Tensor dequantize_int4(const torch::Tensor& qweight, const torch::Tensor&
   return dequantized(N, K, dtype, row);
 }
 
+// One row of a tiles4x64 tile (its 64 columns of each chunk, 4 rows apart) times its scale.
+__attribute__((target(AVX2_TARGET))) void int8_row(const int8_t* tile_row, int64_t K, float scale, float* values) {
+  for (int64_t c = 0; c * 64 < K; ++c) {
+    const int8_t* chunk = tile_row + c * 64 * kTileRows;
+    const int64_t width = std::min<int64_t>(64, K - c * 64);
+    for (int64_t j = 0; j < width; ++j) values[c * 64 + j] = static_cast<float>(chunk[j]) * scale;
+  }
+}
+
 torch::Tensor dequantize_int8(const torch::Tensor& qweight, const torch::Tensor& scales, int64_t K,
                               torch::ScalarType dtype) {
   const int64_t N = scales.numel();
@@ -544,8 +570,7 @@ torch::Tensor dequantize_int8(const torch::Tensor& qweight, const torch::Tensor&
   const torch::Tensor s32 = scales.to(torch::kFloat).contiguous();
   const float* s = s32.data_ptr<float>();
   auto row = [&](int64_t n, float* values) {
-    const int8_t* tile_row = q + (n / kTileRows) * chunks * 64 * kTileRows + (n % kTileRows) * 64;
-    for (int64_t k = 0; k < K; ++k) values[k] = tile_row[(k / 64) * 64 * kTileRows + k % 64] * s[n];
+    int8_row(q + (n / kTileRows) * chunks * 64 * kTileRows + (n % kTileRows) * 64, K, s[n], values);
   };
   return dequantized(N, K, dtype, row);
 }
