@@ -575,3 +575,52 @@ def test_streamed_events_never_contain_raw_line_separators():
     event = asyncio.run(body())[0]
     assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
     assert json.loads(event[len("data: "):]) == {"text": "a\u2028b\x85c\u2029d\r\ne"}
+
+
+def test_bench_serve_compares_with_a_llama_server_it_starts_and_stops(server, tiny_chat_folder, smollm2_gguf,
+                                                                      tmp_path, capsys):
+    """A stand-in llama-server (our own server under that name, which records how bench started it) shows the
+    process handling: started with one slot per request in flight and the same threads, waited for, loaded with
+    the same requests, stopped."""
+    import stat
+    import sys
+
+    from llminfer.cli.main import main
+
+    argv_file = tmp_path / "argv.json"
+    fake = tmp_path / "llama-server"
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+json.dump(sys.argv[1:], open({str(argv_file)!r}, "w"))
+port = sys.argv[sys.argv.index("--port") + 1]
+os.execv(sys.executable, [sys.executable, "-m", "llminfer", "serve", "--model", {str(tiny_chat_folder)!r},
+                          "--port", port])
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    port = free_port()
+    code = main(["bench", "serve", "--url", server.url, "--model", MODEL, "--num-prompts", "4", "--concurrency", "2",
+                 "--input-len", "8", "--output-len", "5", "--vocab-size", "320", "--compare", "llama-server",
+                 "--llama-server", str(fake), "--gguf", "smollm2-135m", "--llama-server-port", str(port),
+                 "--threads", "1", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["engine"] for r in report["results"]] == ["llminfer", "llama-server"]
+    assert all(r["completed"] == 4 and r["failed"] == 0 for r in report["results"])
+    assert report["ratio_vs_llama_server"]["output_tokens_per_s"] > 0
+    argv = json.loads(argv_file.read_text())
+    assert argv == ["-m", str(smollm2_gguf), "--host", "127.0.0.1", "--port", str(port), "-np", "2",
+                    "-c", str(2 * (8 + 5 + 16)), "-t", "1"]
+    with pytest.raises(httpx.TransportError):  # stopped after its run
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_bench_serve_compare_without_llama_server_says_how_to_build_it(server, tmp_path, capsys, monkeypatch):
+    from llminfer.cli.main import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["bench", "serve", "--url", server.url, "--compare", "llama-server"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "no llama-server on PATH" in error and "\n" not in error
+    assert "cmake -B build -DLLAMA_BUILD_SERVER=ON" in error
+    assert main(["bench", "serve", "--url", server.url, "--compare", "llama-server", "--llama-server",
+                 str(tmp_path / "missing")]) == 2
+    assert "not an executable file" in capsys.readouterr().err

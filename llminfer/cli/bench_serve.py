@@ -1,5 +1,7 @@
 """`llminfer bench serve`: drive a running server with streaming completions at a fixed concurrency and report
-request throughput, output tokens/s, time to first token and time per output token (p50/p90/p99).
+request throughput, output tokens/s, time to first token and time per output token (p50/p90/p99). With
+`--compare llama-server`, the same requests then go to a llama-server that bench starts on the same GGUF with
+the same slots and threads, and both tables and the ratio are printed.
 
 The prompts are `bench throughput`'s fixed-seed token ids, so the two benchmarks run the same workload.
 """
@@ -8,14 +10,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
 
-from llminfer.cli.bench import _log, synthetic_prompts
+from llminfer.cli.bench import _log, gguf_file_of, synthetic_prompts
+from llminfer.config import available_cores
 from llminfer.errors import LLMInferError
 
 
@@ -92,36 +101,66 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 
 
 def serve_benchmark_command(args: argparse.Namespace) -> int:
-    url = args.url.rstrip("/")
+    prompts = synthetic_prompts(args.num_prompts, args.input_len, 0, args.vocab_size)
+    binary = None
+    if args.compare == "llama-server":  # refused before anything is measured if it cannot run
+        binary = llama_server_binary(args.llama_server)
+    reports = [measure_server(args.url.rstrip("/"), args.model, prompts, args)]
+    if binary is not None:
+        with llama_server(binary, gguf_file_of(args.gguf), args) as url:
+            peer = measure_server(url, None, prompts, args)
+        peer["engine"] = "llama-server"
+        reports.append(peer)
+    if args.json:
+        print(json.dumps(reports[0] if len(reports) == 1 else {"results": reports, **_ratio(reports)}, indent=2))
+    else:
+        for report in reports:
+            _print_report(report)
+        if len(reports) == 2:
+            ratio = _ratio(reports)["ratio_vs_llama_server"]
+            print(f"llminfer / llama-server: output tok/s {ratio['output_tokens_per_s']:.2f}x, req/s "
+                  f"{ratio['requests_per_s']:.2f}x, TTFT p50 {ratio['ttft_p50']:.2f}x faster")
+    return 0 if not any(r["failed"] for r in reports) else 1
+
+
+def measure_server(url: str, model: str | None, prompts: list[list[int]], args: argparse.Namespace) -> dict:
     try:
         health = httpx.get(f"{url}/health", timeout=10)
     except httpx.HTTPError as exc:
         raise LLMInferError(f"cannot reach the server at {url}: {exc}") from None
     if health.status_code != 200:
         raise LLMInferError(f"server at {url} is not ready: /health answered {health.status_code}")
-    prompts = synthetic_prompts(args.num_prompts, args.input_len, 0, args.vocab_size)
-    _log(f"{args.num_prompts} streaming requests ({args.input_len} tokens in, {args.output_len} out) at concurrency "
+    _log(f"{len(prompts)} streaming requests ({args.input_len} tokens in, {args.output_len} out) at concurrency "
          f"{args.concurrency} against {url}")
-    timings, elapsed = asyncio.run(run_load(url, args.model, prompts, args.output_len, args.concurrency,
-                                            args.api_key))
+    timings, elapsed = asyncio.run(run_load(url, model, prompts, args.output_len, args.concurrency, args.api_key))
     ok = [t for t in timings if t.ok]
     output_tokens = sum(t.output_tokens for t in ok)
-    report = {
-        "url": url, "num_prompts": args.num_prompts, "concurrency": args.concurrency, "input_len": args.input_len,
-        "output_len": args.output_len, "seconds": elapsed, "completed": len(ok), "failed": len(timings) - len(ok),
-        "requests_per_s": len(ok) / elapsed, "output_tokens_per_s": output_tokens / elapsed,
+    return {
+        "engine": "llminfer", "url": url, "num_prompts": len(prompts), "concurrency": args.concurrency,
+        "input_len": args.input_len, "output_len": args.output_len, "seconds": elapsed, "completed": len(ok),
+        "failed": len(timings) - len(ok), "requests_per_s": len(ok) / elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
         "total_tokens_per_s": (output_tokens + len(ok) * args.input_len) / elapsed,
         "ttft_s": _percentiles([t.ttft for t in ok if t.ttft is not None]),
         "tpot_s": _percentiles([t.tpot for t in ok if t.tpot is not None]),
         "errors": sorted({t.error for t in timings if not t.ok})[:5],
     }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0 if not report["failed"] else 1
-    print(f"server {url}  prompts {args.num_prompts}  concurrency {args.concurrency}  input {args.input_len}  "
-          f"output {args.output_len}")
-    print(f"completed {len(ok)}  failed {report['failed']}  in {elapsed:.1f} s: {report['requests_per_s']:.2f} req/s, "
-          f"{report['output_tokens_per_s']:.1f} output tok/s, {report['total_tokens_per_s']:.1f} total tok/s")
+
+
+def _ratio(reports: list[dict]) -> dict:
+    ours, peer = reports
+    ttft = (peer["ttft_s"]["p50"] or 0) / ours["ttft_s"]["p50"] if ours["ttft_s"]["p50"] else None
+    return {"ratio_vs_llama_server": {
+        "output_tokens_per_s": ours["output_tokens_per_s"] / max(peer["output_tokens_per_s"], 1e-9),
+        "requests_per_s": ours["requests_per_s"] / max(peer["requests_per_s"], 1e-9), "ttft_p50": ttft or 0.0}}
+
+
+def _print_report(report: dict) -> None:
+    print(f"{report['engine']} at {report['url']}  prompts {report['num_prompts']}  concurrency "
+          f"{report['concurrency']}  input {report['input_len']}  output {report['output_len']}")
+    print(f"completed {report['completed']}  failed {report['failed']}  in {report['seconds']:.1f} s: "
+          f"{report['requests_per_s']:.2f} req/s, {report['output_tokens_per_s']:.1f} output tok/s, "
+          f"{report['total_tokens_per_s']:.1f} total tok/s")
     for name, key in [("time to first token", "ttft_s"), ("time per output token", "tpot_s")]:
         p = report[key]
         if p["p50"] is not None:
@@ -129,5 +168,65 @@ def serve_benchmark_command(args: argparse.Namespace) -> int:
                   f"p99 {p['p99'] * 1000:8.1f} ms")
     for error in report["errors"]:
         print(f"error: {error}")
-    return 0 if not report["failed"] else 1
 
+
+LLAMA_SERVER_HINT = ("llama-server: build it from llama.cpp's source (the llama-cpp-python sdist vendors it: "
+                     "cmake -B build -DLLAMA_BUILD_SERVER=ON && cmake --build build --target llama-server, about 15 "
+                     "minutes on 2 cores) and put it on PATH or pass --llama-server PATH")
+
+
+def llama_server_binary(given: str | None) -> str:
+    """The llama-server to start: --llama-server PATH, else the one on PATH; a one-line refusal otherwise."""
+    if given is not None:
+        path = Path(given).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise LLMInferError(f"--llama-server {given}: not an executable file")
+        return str(path)
+    found = shutil.which("llama-server")
+    if found is None:
+        raise LLMInferError(f"--compare llama-server: no llama-server on PATH. {LLAMA_SERVER_HINT}")
+    return found
+
+
+def llama_server_command(binary: str, gguf: str, port: int, args: argparse.Namespace) -> list[str]:
+    """llama-server with our server's shape: one slot per request in flight, each slot's context holding a whole
+    request, the same thread count."""
+    slot_context = args.input_len + args.output_len + 16
+    return [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(args.concurrency),
+            "-c", str(args.concurrency * slot_context), "-t", str(args.threads or available_cores())]
+
+
+@contextlib.contextmanager
+def llama_server(binary: str, gguf: str, args: argparse.Namespace, ready_timeout: float = 300.0):
+    """A llama-server started for the comparison (its own environment, as the user gave it), stopped after."""
+    from llminfer.cli.llama_cpp_peer import peer_environment
+
+    port = args.llama_server_port
+    command = llama_server_command(binary, gguf, port, args)
+    _log(f"starting {' '.join(command)}")
+    log_file = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=peer_environment())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if process.poll() is not None:
+                log_file.seek(0)
+                tail = (log_file.read().strip().splitlines() or ["no output"])[-1]
+                raise LLMInferError(f"llama-server exited with code {process.returncode} before it was ready: {tail}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise LLMInferError(f"llama-server was not ready at {url} after {ready_timeout:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log_file.close()

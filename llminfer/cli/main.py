@@ -189,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--vocab-size", type=positive_int, default=49152,
                              help="range of the random prompt token ids (default: the default model's vocabulary, "
                                   "so the prompts equal bench throughput's)")
+    serve_bench.add_argument("--compare", choices=["llama-server"],
+                             help="then the same requests against a llama-server bench starts (see --llama-server)")
+    serve_bench.add_argument("--llama-server", metavar="PATH", help="the llama-server binary (default: on PATH)")
+    serve_bench.add_argument("--gguf", default=DEFAULT_MODEL,
+                             help="the GGUF (file or alias) llama-server runs (default: %(default)s)")
+    serve_bench.add_argument("--llama-server-port", type=positive_int, default=8091)
+    serve_bench.add_argument("--threads", type=positive_int,
+                             help="llama-server's threads (default: the cores this process may use)")
     serve_bench.add_argument("--json", action="store_true", help="print JSON instead of text")
     serve_bench.set_defaults(handler=_lazy("llminfer.cli.bench_serve", "serve_benchmark_command"))
     return parser
