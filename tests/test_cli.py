@@ -163,5 +163,37 @@ def test_bench_throughput_reports_kv_use_and_prefix_hits(tiny_llama_folder):
     assert 0 < report["kv_blocks_peak"] <= report["kv_blocks_total"]
 
 
+def test_the_synthetic_chat_workload_is_fixed_seed_and_spans_its_length_ranges():
+    from llminfer.cli.bench import CHAT_OUTPUT_LENGTHS, CHAT_PROMPT_LENGTHS, synthetic_prompts, workload
+
+    chat = workload("synthetic-chat", 300, 128, 128, 0, 49152)
+    assert chat == workload("synthetic-chat", 300, 128, 128, 0, 49152)  # the same requests every run
+    prompt_lengths, output_lengths = [len(p) for p, _ in chat], [n for _, n in chat]
+    for lengths, (low, high) in [(prompt_lengths, CHAT_PROMPT_LENGTHS), (output_lengths, CHAT_OUTPUT_LENGTHS)]:
+        assert low <= min(lengths) < 2 * low and high / 2 < max(lengths) <= high
+        assert sorted(lengths)[len(lengths) // 2] < (low + high) / 2  # log-uniform: most requests are short
+    assert all(100 <= t < 49152 - 100 for p, _ in chat for t in p)
+    fixed = workload("fixed", 5, 12, 7, 3, 49152)
+    assert fixed == [(p, 7) for p in synthetic_prompts(5, 12, 3, 49152)]
+
+
+def test_bench_throughput_on_the_synthetic_chat_workload_reports_latency_percentiles(tiny_llama_folder, capsys,
+                                                                                     monkeypatch):
+    from llminfer.cli import bench
+    from llminfer.cli.main import main
+
+    monkeypatch.setattr(bench, "CHAT_PROMPT_LENGTHS", (4, 64))  # the tiny model holds 256 positions
+    monkeypatch.setattr(bench, "CHAT_OUTPUT_LENGTHS", (2, 24))
+    code = main(["bench", "throughput", "--model", str(tiny_llama_folder), "--dataset", "synthetic-chat",
+                 "--num-prompts", "12", "--max-num-seqs", "4", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    requests = bench.workload("synthetic-chat", 12, 128, 128, 0, 320)
+    assert code == 0 and report["dataset"] == "synthetic-chat"
+    assert report["output_tokens"] == sum(n for _, n in requests)
+    assert report["prompt_tokens"] == sum(len(p) for p, _ in requests)
+    assert 0 < report["ttft_s"]["p50"] <= report["ttft_s"]["p90"] <= report["ttft_s"]["p99"]
+    assert 0 < report["tpot_s"]["p50"] <= report["tpot_s"]["p99"]
+
+
 def test_bad_kv_cache_memory_is_named():
     assert_one_line_error(run_cli("generate", "--kv-cache-memory", "lots", "hi"), "kv_cache_memory 'lots'")

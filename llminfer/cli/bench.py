@@ -353,6 +353,45 @@ def synthetic_prompts(num_prompts: int, input_len: int, prefix_len: int, vocab_s
     return [shared + row for row in own]
 
 
+# synthetic-chat: chat-like traffic, many short requests and a few long ones (lengths log-uniform in these ranges)
+CHAT_PROMPT_LENGTHS, CHAT_OUTPUT_LENGTHS = (16, 1024), (16, 512)
+
+
+def workload(dataset: str, num_prompts: int, input_len: int, output_len: int, prefix_len: int,
+             vocab_size: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, output tokens) per request, fixed-seed. `fixed`: every prompt input_len tokens after a shared
+    prefix of prefix_len, every output output_len. `synthetic-chat`: prompt and output lengths drawn log-uniformly
+    from CHAT_PROMPT_LENGTHS and CHAT_OUTPUT_LENGTHS."""
+    if dataset == "fixed":
+        return [(p, output_len) for p in synthetic_prompts(num_prompts, input_len, prefix_len, vocab_size)]
+    generator = torch.Generator().manual_seed(0)
+
+    def lengths(bounds: tuple[int, int]) -> list[int]:
+        low, high = torch.tensor(bounds, dtype=torch.float64).log()
+        drawn = (low + (high - low) * torch.rand(num_prompts, generator=generator, dtype=torch.float64)).exp()
+        return drawn.round().long().clamp(*bounds).tolist()
+
+    prompt_lengths, output_lengths = lengths(CHAT_PROMPT_LENGTHS), lengths(CHAT_OUTPUT_LENGTHS)
+    return [(torch.randint(100, vocab_size - 100, (n,), generator=generator).tolist(), out)
+            for n, out in zip(prompt_lengths, output_lengths)]
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    p50, p90, p99 = torch.tensor(values, dtype=torch.float64).quantile(torch.tensor([0.5, 0.9, 0.99],
+                                                                                    dtype=torch.float64)).tolist()
+    return {"p50": p50, "p90": p90, "p99": p99}
+
+
+def print_latency_percentiles(report: dict) -> None:
+    for name, key in [("time to first token", "ttft_s"), ("time per output token", "tpot_s")]:
+        p = report[key]
+        if p["p50"] is not None:
+            print(f"{name:<22} p50 {p['p50'] * 1000:8.1f} ms  p90 {p['p90'] * 1000:8.1f} ms  "
+                  f"p99 {p['p99'] * 1000:8.1f} ms")
+
+
 def throughput_command(args: argparse.Namespace) -> int:
     from llminfer.engine import LLM, SamplingParams
 
@@ -361,17 +400,27 @@ def throughput_command(args: argparse.Namespace) -> int:
     llm = LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching)
     dtype = llm.config.dtype  # "auto" resolved
-    prompts = synthetic_prompts(args.num_prompts, args.input_len, args.prefix_len, llm.model_config.vocab_size)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    requests = workload(args.dataset, args.num_prompts, args.input_len, args.output_len, args.prefix_len,
+                        llm.model_config.vocab_size)
+    prompts = [prompt for prompt, _ in requests]
     engine = llm.engine
-    for prompt in prompts:
-        engine.add_request(prompt, params)
+    for i, (prompt, output_len) in enumerate(requests):
+        engine.add_request(prompt, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True),
+                           request_id=str(i))
     peak = {"used_slots": 0, "tokens_held": 0}
     slot_steps = token_steps = 0  # KV slots in use and tokens they hold, summed over steps
+    first_token, finished = {}, {}  # request id -> seconds from the start (every request arrives at 0)
     start = time.perf_counter()
     steps = 0
     while engine.has_unfinished_requests():
-        batch_tokens = sum(len(o.outputs) for o in engine.step())
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        for output in outputs:
+            if output.outputs[0].token_ids:
+                first_token.setdefault(output.request_id, now)
+            if output.finished:
+                finished[output.request_id] = now
+        batch_tokens = sum(len(o.outputs) for o in outputs)
         steps += 1
         used_slots = engine.kv_cache_stats().used_blocks * engine.kv.block_size
         held = sum(r.num_computed_tokens for r in engine.scheduler.running)
@@ -383,21 +432,26 @@ def throughput_command(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     stats = llm.kv_cache_stats()
     prompt_tokens = sum(map(len, prompts))
-    output_tokens = args.num_prompts * args.output_len
+    output_lengths = [output_len for _, output_len in requests]
+    output_tokens = sum(output_lengths)
     results = [ThroughputResult("llminfer", elapsed, args.num_prompts / elapsed, output_tokens / elapsed,
                                 (prompt_tokens + output_tokens) / elapsed)]
+    tpot = [(finished[i] - first_token[i]) / (n - 1) for i, n in zip(map(str, range(len(requests))), output_lengths)
+            if n > 1]
     contiguous_slots = min(args.num_prompts, args.max_num_seqs) * llm.engine.max_model_len
     report = {
         "model": args.model, "dtype": dtype, "device": args.device, "threads": torch.get_num_threads(),
         "omp_spin_count": os.environ.get("GOMP_SPINCOUNT", "libgomp's default"),
-        "num_prompts": args.num_prompts, "input_len": args.input_len, "prefix_len": args.prefix_len,
-        "output_len": args.output_len, "prefix_caching": not args.no_prefix_caching,
+        "dataset": args.dataset, "num_prompts": args.num_prompts, "input_len": args.input_len,
+        "prefix_len": args.prefix_len, "output_len": args.output_len, "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens, "prefix_caching": not args.no_prefix_caching,
+        "ttft_s": percentiles(list(first_token.values())), "tpot_s": percentiles(tpot),
         "kv_block_size": stats.block_size, "kv_blocks_total": stats.total_blocks,
         "kv_blocks_peak": stats.peak_used_blocks, "kv_slots_at_peak": peak["used_slots"],
         "kv_tokens_held_at_peak": peak["tokens_held"], "contiguous_reservation_slots": contiguous_slots,
         "kv_slot_overhead_mean": slot_steps / max(token_steps, 1) - 1,
         "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
-        "prefill_tokens_computed": prompt_tokens - stats.prefix_cache_hit_tokens, "prompt_tokens": prompt_tokens,
+        "prefill_tokens_computed": prompt_tokens - stats.prefix_cache_hit_tokens,
         "preemptions": engine.scheduler.num_preemptions,
     }
     if llm.tensor_parallel_size > 1:
@@ -408,19 +462,24 @@ def throughput_command(args: argparse.Namespace) -> int:
                       communication_share=communication.seconds / elapsed)
     if args.compare == "hf":
         del llm, engine
-        results.append(measure_transformers_throughput(args.model, dtype, args.device, prompts,
-                                                       args.output_len, args.hf_batch_size, log))
+        results.append(measure_transformers_throughput(args.model, dtype, args.device, requests,
+                                                       args.hf_batch_size, log))
         report["ratio_vs_transformers"] = {"output_tokens_per_s": results[0].output_tokens_per_s
                                            / results[1].output_tokens_per_s}
     report["results"] = [asdict(r) for r in results]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    shape = (f"input {args.input_len} (+{args.prefix_len} shared)  output {args.output_len}"
+             if args.dataset == "fixed" else f"synthetic-chat: {prompt_tokens} prompt and {output_tokens} output "
+             f"tokens (prompts {min(map(len, prompts))}-{max(map(len, prompts))}, outputs "
+             f"{min(output_lengths)}-{max(output_lengths)})")
     print(f"model {args.model}  dtype {dtype}  threads {report['threads']} (spin {report['omp_spin_count']})  "
-          f"prompts {args.num_prompts}  "
-          f"input {args.input_len} (+{args.prefix_len} shared)  output {args.output_len}")
+          f"prompts {args.num_prompts}  {shape}")
     _print_table(results, [("seconds", "seconds", ".1f"), ("req/s", "requests_per_s", ".2f"),
                            ("out tok/s", "output_tokens_per_s", ".1f"), ("total tok/s", "total_tokens_per_s", ".1f")])
+    print("llminfer, every request queued at the start:")
+    print_latency_percentiles(report)
     overhead = peak["used_slots"] / max(peak["tokens_held"], 1) - 1
     print(f"KV cache: peak {stats.peak_used_blocks} of {stats.total_blocks} blocks ({peak['used_slots']} slots for "
           f"{peak['tokens_held']} tokens held, {overhead:.1%} overhead; {report['kv_slot_overhead_mean']:.1%} averaged "
@@ -436,22 +495,25 @@ def throughput_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_transformers_throughput(model_path: str, dtype: str, device: str, prompts: list[list[int]],
-                                    output_len: int, batch_size: int, log: Callable[[str], None]) -> ThroughputResult:
-    """transformers' batched generate, left-padded, greedy, batch_size prompts at a time."""
+def measure_transformers_throughput(model_path: str, dtype: str, device: str, requests: list[tuple[list[int], int]],
+                                    batch_size: int, log: Callable[[str], None]) -> ThroughputResult:
+    """transformers' batched generate, left-padded, greedy, batch_size prompts at a time; a batch generates as many
+    tokens as its longest request asks for, and only what each request asked for counts."""
     hf_model = load_transformers_model(model_path, dtype, device)
     pad = 0
     start = time.perf_counter()
-    for first in range(0, len(prompts), batch_size):
-        chunk = prompts[first:first + batch_size]
+    for first in range(0, len(requests), batch_size):
+        chunk = [prompt for prompt, _ in requests[first:first + batch_size]]
+        new_tokens = max(n for _, n in requests[first:first + batch_size])
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         with torch.inference_mode():
-            hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
-                              do_sample=False, pad_token_id=pad, eos_token_id=None)
-        log(f"transformers: {first + len(chunk)}/{len(prompts)} prompts done")
+            hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=None)
+        log(f"transformers: {first + len(chunk)}/{len(requests)} prompts done")
     elapsed = time.perf_counter() - start
-    output_tokens = len(prompts) * output_len
-    total = sum(map(len, prompts)) + output_tokens
-    return ThroughputResult("transformers", elapsed, len(prompts) / elapsed, output_tokens / elapsed, total / elapsed)
+    output_tokens = sum(n for _, n in requests)
+    total = sum(len(p) for p, _ in requests) + output_tokens
+    return ThroughputResult("transformers", elapsed, len(requests) / elapsed, output_tokens / elapsed,
+                            total / elapsed)

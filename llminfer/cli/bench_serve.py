@@ -3,7 +3,8 @@ request throughput, output tokens/s, time to first token and time per output tok
 `--compare llama-server`, the same requests then go to a llama-server that bench starts on the same GGUF with
 the same slots and threads, and both tables and the ratio are printed.
 
-The prompts are `bench throughput`'s fixed-seed token ids, so the two benchmarks run the same workload.
+The requests are `bench throughput`'s fixed-seed workloads (`--dataset fixed | synthetic-chat`), so the two
+benchmarks run the same requests.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-from llminfer.cli.bench import _log, gguf_file_of, synthetic_prompts
+from llminfer.cli.bench import _log, gguf_file_of, percentiles, print_latency_percentiles, workload
 from llminfer.config import available_cores
 from llminfer.errors import LLMInferError
 
@@ -67,13 +67,13 @@ async def _stream_one(http: httpx.AsyncClient, url: str, body: dict, headers: di
     return RequestTiming(True, time.perf_counter() - start, ttft, tokens)
 
 
-async def run_load(url: str, model: str | None, prompts: list[list[int]], output_len: int, concurrency: int,
+async def run_load(url: str, model: str | None, requests: list[tuple[list[int], int]], concurrency: int,
                    api_key: str | None) -> tuple[list[RequestTiming], float]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(concurrency)
     done = 0
 
-    async def one(http: httpx.AsyncClient, prompt: list[int]) -> RequestTiming:
+    async def one(http: httpx.AsyncClient, prompt: list[int], output_len: int) -> RequestTiming:
         nonlocal done
         body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
@@ -82,33 +82,26 @@ async def run_load(url: str, model: str | None, prompts: list[list[int]], output
         async with limit:
             timing = await _stream_one(http, url, body, headers)
         done += 1
-        if done % max(len(prompts) // 8, 1) == 0:
-            _log(f"{done}/{len(prompts)} requests done")
+        if done % max(len(requests) // 8, 1) == 0:
+            _log(f"{done}/{len(requests)} requests done")
         return timing
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as http:
         start = time.perf_counter()
-        timings = await asyncio.gather(*(one(http, p) for p in prompts))
+        timings = await asyncio.gather(*(one(http, prompt, n) for prompt, n in requests))
         return list(timings), time.perf_counter() - start
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None}
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
-
-
 def serve_benchmark_command(args: argparse.Namespace) -> int:
-    prompts = synthetic_prompts(args.num_prompts, args.input_len, 0, args.vocab_size)
+    requests = workload(args.dataset, args.num_prompts, args.input_len, args.output_len, 0, args.vocab_size)
     binary = None
     if args.compare == "llama-server":  # refused before anything is measured if it cannot run
         binary = llama_server_binary(args.llama_server)
-    reports = [measure_server(args.url.rstrip("/"), args.model, prompts, args)]
+    reports = [measure_server(args.url.rstrip("/"), args.model, requests, args)]
     if binary is not None:
         with llama_server(binary, gguf_file_of(args.gguf), args) as url:
-            peer = measure_server(url, None, prompts, args)
+            peer = measure_server(url, None, requests, args)
         peer["engine"] = "llama-server"
         reports.append(peer)
     if args.json:
@@ -123,26 +116,28 @@ def serve_benchmark_command(args: argparse.Namespace) -> int:
     return 0 if not any(r["failed"] for r in reports) else 1
 
 
-def measure_server(url: str, model: str | None, prompts: list[list[int]], args: argparse.Namespace) -> dict:
+def measure_server(url: str, model: str | None, requests: list[tuple[list[int], int]],
+                   args: argparse.Namespace) -> dict:
     try:
         health = httpx.get(f"{url}/health", timeout=10)
     except httpx.HTTPError as exc:
         raise LLMInferError(f"cannot reach the server at {url}: {exc}") from None
     if health.status_code != 200:
         raise LLMInferError(f"server at {url} is not ready: /health answered {health.status_code}")
-    _log(f"{len(prompts)} streaming requests ({args.input_len} tokens in, {args.output_len} out) at concurrency "
-         f"{args.concurrency} against {url}")
-    timings, elapsed = asyncio.run(run_load(url, model, prompts, args.output_len, args.concurrency, args.api_key))
+    shape = f"{args.input_len} tokens in, {args.output_len} out" if args.dataset == "fixed" else args.dataset
+    _log(f"{len(requests)} streaming requests ({shape}) at concurrency {args.concurrency} against {url}")
+    timings, elapsed = asyncio.run(run_load(url, model, requests, args.concurrency, args.api_key))
     ok = [t for t in timings if t.ok]
     output_tokens = sum(t.output_tokens for t in ok)
+    prompt_tokens = sum(len(prompt) for (prompt, _), t in zip(requests, timings) if t.ok)
     return {
-        "engine": "llminfer", "url": url, "num_prompts": len(prompts), "concurrency": args.concurrency,
-        "input_len": args.input_len, "output_len": args.output_len, "seconds": elapsed, "completed": len(ok),
-        "failed": len(timings) - len(ok), "requests_per_s": len(ok) / elapsed,
-        "output_tokens_per_s": output_tokens / elapsed,
-        "total_tokens_per_s": (output_tokens + len(ok) * args.input_len) / elapsed,
-        "ttft_s": _percentiles([t.ttft for t in ok if t.ttft is not None]),
-        "tpot_s": _percentiles([t.tpot for t in ok if t.tpot is not None]),
+        "engine": "llminfer", "url": url, "dataset": args.dataset, "num_prompts": len(requests),
+        "concurrency": args.concurrency, "input_len": args.input_len, "output_len": args.output_len,
+        "seconds": elapsed, "completed": len(ok), "failed": len(timings) - len(ok),
+        "requests_per_s": len(ok) / elapsed, "output_tokens_per_s": output_tokens / elapsed,
+        "total_tokens_per_s": (output_tokens + prompt_tokens) / elapsed,
+        "ttft_s": percentiles([t.ttft for t in ok if t.ttft is not None]),
+        "tpot_s": percentiles([t.tpot for t in ok if t.tpot is not None]),
         "errors": sorted({t.error for t in timings if not t.ok})[:5],
     }
 
@@ -156,16 +151,14 @@ def _ratio(reports: list[dict]) -> dict:
 
 
 def _print_report(report: dict) -> None:
+    shape = (f"input {report['input_len']}  output {report['output_len']}" if report["dataset"] == "fixed"
+             else report["dataset"])
     print(f"{report['engine']} at {report['url']}  prompts {report['num_prompts']}  concurrency "
-          f"{report['concurrency']}  input {report['input_len']}  output {report['output_len']}")
+          f"{report['concurrency']}  {shape}")
     print(f"completed {report['completed']}  failed {report['failed']}  in {report['seconds']:.1f} s: "
           f"{report['requests_per_s']:.2f} req/s, {report['output_tokens_per_s']:.1f} output tok/s, "
           f"{report['total_tokens_per_s']:.1f} total tok/s")
-    for name, key in [("time to first token", "ttft_s"), ("time per output token", "tpot_s")]:
-        p = report[key]
-        if p["p50"] is not None:
-            print(f"{name:<22} p50 {p['p50'] * 1000:8.1f} ms  p90 {p['p90'] * 1000:8.1f} ms  "
-                  f"p99 {p['p99'] * 1000:8.1f} ms")
+    print_latency_percentiles(report)
     for error in report["errors"]:
         print(f"error: {error}")
 

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--input-len", type=positive_int, default=128)
     throughput.add_argument("--output-len", type=positive_int, default=128)
     throughput.add_argument("--prefix-len", type=int, default=0, help="tokens shared by every prompt, before its own")
+    throughput.add_argument("--dataset", choices=["fixed", "synthetic-chat"], default="fixed",
+                            help="fixed: --input-len / --output-len for every request; synthetic-chat: fixed-seed "
+                                 "lengths, prompts 16-1024 tokens and outputs 16-512 (default: %(default)s)")
     throughput.add_argument("--max-num-seqs", type=positive_int, default=64)
     throughput.add_argument("--no-prefix-caching", action="store_true")
     throughput.add_argument("--compare", choices=["hf"], help="also run transformers' batched generate")
@@ -186,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--concurrency", type=positive_int, default=32, help="requests in flight at once")
     serve_bench.add_argument("--input-len", type=positive_int, default=128)
     serve_bench.add_argument("--output-len", type=positive_int, default=128)
+    serve_bench.add_argument("--dataset", choices=["fixed", "synthetic-chat"], default="fixed",
+                             help="as in bench throughput (default: %(default)s)")
     serve_bench.add_argument("--vocab-size", type=positive_int, default=49152,
                              help="range of the random prompt token ids (default: the default model's vocabulary, "
                                   "so the prompts equal bench throughput's)")
