@@ -100,7 +100,8 @@ def serve_benchmark_command(args: argparse.Namespace) -> int:
         binary = llama_server_binary(args.llama_server)
     reports = [measure_server(args.url.rstrip("/"), args.model, requests, args)]
     if binary is not None:
-        with llama_server(binary, gguf_file_of(args.gguf), args) as url:
+        longest = max(len(prompt) + output_len for prompt, output_len in requests)
+        with llama_server(binary, gguf_file_of(args.gguf), longest, args) as url:
             peer = measure_server(url, None, requests, args)
         peer["engine"] = "llama-server"
         reports.append(peer)
@@ -181,21 +182,23 @@ def llama_server_binary(given: str | None) -> str:
     return found
 
 
-def llama_server_command(binary: str, gguf: str, port: int, args: argparse.Namespace) -> list[str]:
-    """llama-server with our server's shape: one slot per request in flight, each slot's context holding a whole
-    request, the same thread count."""
-    slot_context = args.input_len + args.output_len + 16
+def llama_server_command(binary: str, gguf: str, port: int, longest_request: int,
+                         args: argparse.Namespace) -> list[str]:
+    """llama-server with our server's shape: one slot per request in flight, each slot's context holding the
+    longest request (prompt and output), the same thread count."""
+    slot_context = longest_request + 16
     return [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(args.concurrency),
             "-c", str(args.concurrency * slot_context), "-t", str(args.threads or available_cores())]
 
 
 @contextlib.contextmanager
-def llama_server(binary: str, gguf: str, args: argparse.Namespace, ready_timeout: float = 300.0):
+def llama_server(binary: str, gguf: str, longest_request: int, args: argparse.Namespace,
+                 ready_timeout: float = 300.0):
     """A llama-server started for the comparison (its own environment, as the user gave it), stopped after."""
     from llminfer.cli.llama_cpp_peer import peer_environment
 
     port = args.llama_server_port
-    command = llama_server_command(binary, gguf, port, args)
+    command = llama_server_command(binary, gguf, port, longest_request, args)
     _log(f"starting {' '.join(command)}")
     log_file = tempfile.TemporaryFile(mode="w+")
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=peer_environment())
