@@ -462,8 +462,9 @@ def throughput_command(args: argparse.Namespace) -> int:
                       communication_share=communication.seconds / elapsed)
     if args.compare == "hf":
         del llm, engine
-        results.append(measure_transformers_throughput(args.model, dtype, args.device, requests,
+        results.append(measure_transformers_throughput(args.model, args.hf_dtype or dtype, args.device, requests,
                                                        args.hf_batch_size, log))
+        report["hf_dtype"] = args.hf_dtype or dtype
         report["ratio_vs_transformers"] = {"output_tokens_per_s": results[0].output_tokens_per_s
                                            / results[1].output_tokens_per_s}
     report["results"] = [asdict(r) for r in results]

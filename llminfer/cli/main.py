@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--no-prefix-caching", action="store_true")
     throughput.add_argument("--compare", choices=["hf"], help="also run transformers' batched generate")
     throughput.add_argument("--hf-batch-size", type=positive_int, default=64, help="prompts per transformers batch")
+    throughput.add_argument("--hf-dtype", choices=["float32", "bfloat16"],
+                            help="transformers' dtype (default: ours), to compare each engine's best on this CPU")
     throughput.add_argument("--json", action="store_true", help="print JSON instead of a table")
     throughput.set_defaults(handler=_lazy("llminfer.cli.bench", "throughput_command"))
     serve_bench = bench_kinds.add_parser("serve", help="load a running server with streaming requests")
