@@ -153,10 +153,11 @@ def test_compare_llama_cpp_refuses_before_loading_what_it_cannot_run(tiny_llama_
 def test_bench_throughput_reports_kv_use_and_prefix_hits(tiny_llama_folder):
     result = run_cli("bench", "throughput", "--model", str(tiny_llama_folder), "--num-prompts", "6", "--input-len",
                      "8", "--prefix-len", "32", "--output-len", "4", "--kv-cache-memory", "1MiB", "--compare", "hf",
-                     "--hf-batch-size", "3", "--json")
+                     "--hf-batch-size", "3", "--hf-dtype", "bfloat16", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [r["engine"] for r in report["results"]] == ["llminfer", "transformers"]
+    assert report["dtype"] == "float32" and report["hf_dtype"] == "bfloat16"  # each engine its own configuration
     assert report["prompt_tokens"] == 6 * 40
     assert report["prefix_cache_hit_rate"] == pytest.approx(5 * 32 / 240)  # all but the first prompt hit
     assert report["prefill_tokens_computed"] == 240 - 5 * 32
