@@ -196,5 +196,26 @@ def test_bench_throughput_on_the_synthetic_chat_workload_reports_latency_percent
     assert 0 < report["tpot_s"]["p50"] <= report["tpot_s"]["p99"]
 
 
+def test_bench_throughput_prints_the_perplexity_delta_of_its_configuration(tiny_chat_folder, tiny_llama_folder,
+                                                                          capsys):
+    from llminfer import LLM
+    from llminfer.cli.main import main
+    from llminfer.perplexity import default_text, perplexity
+
+    code = main(["bench", "throughput", "--model", str(tiny_chat_folder), "--quantization", "a16w8",
+                 "--num-prompts", "2", "--input-len", "4", "--output-len", "2", "--perplexity", "--json"])
+    report = json.loads(capsys.readouterr().out)["perplexity"]
+    assert code == 0 and report["context_len"] == 255  # the tiny model's 256 positions
+    reference = LLM(str(tiny_chat_folder), dtype="float32", kv_cache_memory="64MiB")
+    ids = reference.tokenizer.encode(default_text(), add_special_tokens=False)[:report["tokens"]]
+    assert report["tokens"] == 8192
+    assert report["float32"] == pytest.approx(perplexity(reference.model, ids, 255).perplexity, rel=1e-9)
+    assert report["delta"] == pytest.approx(report["ours"] / report["float32"] - 1) and report["delta"] != 0
+    assert main(["bench", "throughput", "--model", str(tiny_llama_folder), "--perplexity"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading line: one line
+    assert error.startswith("llminfer: error:")
+    assert error.endswith("has no tokenizer, so --perplexity has no text to score")
+
+
 def test_bad_kv_cache_memory_is_named():
     assert_one_line_error(run_cli("generate", "--kv-cache-memory", "lots", "hi"), "kv_cache_memory 'lots'")

@@ -400,6 +400,10 @@ def throughput_command(args: argparse.Namespace) -> int:
     llm = LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching)
     dtype = llm.config.dtype  # "auto" resolved
+    if args.perplexity and llm.tokenizer is None:  # refused before the timed run
+        from llminfer.errors import TokenizerError
+
+        raise TokenizerError(f"{args.model}: has no tokenizer, so --perplexity has no text to score")
     requests = workload(args.dataset, args.num_prompts, args.input_len, args.output_len, args.prefix_len,
                         llm.model_config.vocab_size)
     prompts = [prompt for prompt, _ in requests]
@@ -460,6 +464,8 @@ def throughput_command(args: argparse.Namespace) -> int:
         report.update(tensor_parallel_size=llm.tensor_parallel_size,
                       communication_ms_per_step=communication.seconds / max(steps, 1) * 1e3,
                       communication_share=communication.seconds / elapsed)
+    if args.perplexity:  # before the peer: its load may need the memory ours holds
+        report["perplexity"] = perplexity_against_float32(llm, args, log)
     if args.compare == "hf":
         del llm, engine
         results.append(measure_transformers_throughput(args.model, args.hf_dtype or dtype, args.device, requests,
@@ -493,7 +499,30 @@ def throughput_command(args: argparse.Namespace) -> int:
               f"({report['communication_share']:.1%} of the run)")
     if "ratio_vs_transformers" in report:
         print(f"llminfer / transformers output tokens/s: {report['ratio_vs_transformers']['output_tokens_per_s']:.2f}x")
+    if "perplexity" in report:
+        p = report["perplexity"]
+        print(f"llminfer perplexity {p['ours']:.4f}: {p['delta']:+.2%} against float32 {p['float32']:.4f} "
+              f"({p['tokens']} tokens of pydoc_data.topics, windows of {p['context_len']})")
     return 0
+
+
+PERPLEXITY_TOKENS = 8192  # as docs/QUANTIZATION.md measures
+
+
+def perplexity_against_float32(llm, args: argparse.Namespace, log: Callable[[str], None]) -> dict:
+    """The benchmarked configuration's perplexity on the first PERPLEXITY_TOKENS tokens of pydoc_data.topics, and
+    the same model's in float32 without quantization, so that a speed is read beside what it costs in accuracy."""
+    from llminfer.engine import LLM
+    from llminfer.perplexity import default_text, perplexity
+
+    ids = llm.tokenizer.encode(default_text(), add_special_tokens=False)[:PERPLEXITY_TOKENS]
+    context_len = min(512, llm.engine.max_model_len - 1)
+    log(f"perplexity: {len(ids)} tokens in windows of {context_len}, this configuration and float32")
+    ours = perplexity(llm.model, ids, context_len).perplexity
+    reference = LLM(args.model, **{**model_options(args), "dtype": "float32", "quantization": None,
+                                   "kv_cache_dtype": "auto", "kv_cache_memory": "64MiB"})
+    base = perplexity(reference.model, ids, context_len).perplexity
+    return {"ours": ours, "float32": base, "delta": ours / base - 1, "tokens": len(ids), "context_len": context_len}
 
 
 def measure_transformers_throughput(model_path: str, dtype: str, device: str, requests: list[tuple[list[int], int]],

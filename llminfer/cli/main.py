@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--no-prefix-caching", action="store_true")
     throughput.add_argument("--compare", choices=["hf"], help="also run transformers' batched generate")
     throughput.add_argument("--hf-batch-size", type=positive_int, default=64, help="prompts per transformers batch")
+    throughput.add_argument("--perplexity", action="store_true",
+                            help="also print this configuration's perplexity against float32's (pydoc_data.topics)")
     throughput.add_argument("--hf-dtype", choices=["float32", "bfloat16"],
                             help="transformers' dtype (default: ours), to compare each engine's best on this CPU")
     throughput.add_argument("--json", action="store_true", help="print JSON instead of a table")
