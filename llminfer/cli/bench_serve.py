@@ -145,10 +145,10 @@ def measure_server(url: str, model: str | None, requests: list[tuple[list[int], 
 
 def _ratio(reports: list[dict]) -> dict:
     ours, peer = reports
-    ttft = (peer["ttft_s"]["p50"] or 0) / ours["ttft_s"]["p50"] if ours["ttft_s"]["p50"] else None
+    ttft = (peer["ttft_s"]["p50"] or 0.0) / ours["ttft_s"]["p50"] if ours["ttft_s"]["p50"] else 0.0
     return {"ratio_vs_llama_server": {
         "output_tokens_per_s": ours["output_tokens_per_s"] / max(peer["output_tokens_per_s"], 1e-9),
-        "requests_per_s": ours["requests_per_s"] / max(peer["requests_per_s"], 1e-9), "ttft_p50": ttft or 0.0}}
+        "requests_per_s": ours["requests_per_s"] / max(peer["requests_per_s"], 1e-9), "ttft_p50": ttft}}
 
 
 def _print_report(report: dict) -> None:

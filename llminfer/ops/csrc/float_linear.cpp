@@ -15,6 +15,7 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include "row_tiles.h"
 #include "step_graph.h"
 #include "vector.h"
 
@@ -24,8 +25,6 @@
 
 namespace {
 
-constexpr int kRowsOfX = 4;  // rows of x per tile
-constexpr int kRowsOfW = 4;  // weight rows per tile
 constexpr int64_t kPrefetchRows = 8;  // prefetch the rows two tiles ahead
 
 #define AVX512_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq"
@@ -121,44 +120,19 @@ __attribute__((target(AVX2_TARGET))) void tile_avx2(const Problem<T>& p, int64_t
           static_cast<T>(llminfer::hsum(acc[i][r]) + tail_dot(p.x + (m0 + i) * p.K, p.w + (n0 + r) * p.K, vector_K, p.K));
 }
 
-template <typename T, template <int, int> class Tile>
-void run(const Problem<T>& p) {
-  at::parallel_for(0, (p.N + kRowsOfW - 1) / kRowsOfW, 4, [&](int64_t begin, int64_t end) {
-    const int64_t n_end = std::min(p.N, end * kRowsOfW);
-    for (int64_t n = begin * kRowsOfW; n < n_end;) {
-      const bool full = n + kRowsOfW <= n_end;
-      int64_t m = 0;
-      for (; m + kRowsOfX <= p.M; m += kRowsOfX) full ? Tile<kRowsOfX, kRowsOfW>::run(p, m, n) : Tile<kRowsOfX, 1>::run(p, m, n);
-      for (; m < p.M; ++m) full ? Tile<1, kRowsOfW>::run(p, m, n) : Tile<1, 1>::run(p, m, n);
-      n += full ? kRowsOfW : 1;
-    }
-  });
+bool has_avx512() {  // asked once: the answer cannot change while the process runs
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
+  return has;
 }
 
-template <int MR, int NR>
-struct Avx512Bf16 {
-  static void run(const Problem<c10::BFloat16>& p, int64_t m0, int64_t n0) { tile_avx512_bf16<MR, NR>(p, m0, n0); }
-};
-template <int MR, int NR>
-struct Avx512F32 {
-  static void run(const Problem<float>& p, int64_t m0, int64_t n0) { tile_avx512_f32<MR, NR>(p, m0, n0); }
-};
-template <int MR, int NR>
-struct Avx2Bf16 {
-  static void run(const Problem<c10::BFloat16>& p, int64_t m0, int64_t n0) { tile_avx2<MR, NR>(p, m0, n0); }
-};
-template <int MR, int NR>
-struct Avx2F32 {
-  static void run(const Problem<float>& p, int64_t m0, int64_t n0) { tile_avx2<MR, NR>(p, m0, n0); }
-};
-
-bool has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+bool has_avx512_bf16() {
+  static const bool has = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
 }
-
-bool has_avx512_bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 
 }  // namespace
 
@@ -180,14 +154,20 @@ void float_linear_out(const torch::Tensor& x, const torch::Tensor& weight, const
   const bool use_512 = isa == "avx512" || (isa == "auto" && has_512);
   TORCH_CHECK(!use_512 || has_512, "this CPU has no AVX-512", dtype == torch::kBFloat16 ? " BF16" : "");
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
+// Every (MR, NR) tile of problem P through the tile function FN.
+#define RUN_TILES(FN, P)                                                                    \
+  llminfer::for_each_tile<false>((P).M, (P).N, [&](auto mr, auto nr, int64_t m0, int64_t n0) { \
+    FN<decltype(mr)::value, decltype(nr)::value>(P, m0, n0);                                \
+  })
   if (dtype == torch::kBFloat16) {
     const Problem<c10::BFloat16> p{x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(),
                                    y.data_ptr<c10::BFloat16>(), M, N, K};
-    use_512 ? run<c10::BFloat16, Avx512Bf16>(p) : run<c10::BFloat16, Avx2Bf16>(p);
+    use_512 ? RUN_TILES(tile_avx512_bf16, p) : RUN_TILES(tile_avx2, p);
   } else {
     const Problem<float> p{x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), M, N, K};
-    use_512 ? run<float, Avx512F32>(p) : run<float, Avx2F32>(p);
+    use_512 ? RUN_TILES(tile_avx512_f32, p) : RUN_TILES(tile_avx2, p);
   }
+#undef RUN_TILES
 }
 
 torch::Tensor float_linear(const torch::Tensor& x, const torch::Tensor& weight, const std::string& isa) {

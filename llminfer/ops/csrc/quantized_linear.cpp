@@ -30,6 +30,7 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include "row_tiles.h"
 #include "step_graph.h"
 #include "vector.h"
 
@@ -42,8 +43,7 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int kRowsOfX = 4;     // rows of x per tile
-constexpr int kRowsOfW = 4;     // weight rows per tile
+using llminfer::kRowsOfW;
 
 #define AVX_VNNI_TARGET "avx2,fma,f16c,avxvnni"
 #define AVX512_TARGET "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
@@ -356,25 +356,8 @@ __attribute__((target(AVX512_TARGET))) void int4_tile_avx512_vnni(const Activati
 
 template <typename Weights, typename Out, template <int, int, typename> class Tile>
 void run_tiles(const Activations& a, const Weights& w, int64_t N, Out* y) {
-  // Each thread takes a contiguous range of weight rows (a multiple of kRowsOfW, at least 16 per thread). Tiled
-  // weights are padded to whole tiles (the padding rows are computed, not stored); the others end row by row.
-  at::parallel_for(0, (N + kRowsOfW - 1) / kRowsOfW, 4, [&](int64_t begin, int64_t end) {
-    const int64_t n_end = std::min(N, end * kRowsOfW);
-    for (int64_t n = begin * kRowsOfW; n < n_end;) {
-      int64_t m = 0;
-      if constexpr (Weights::kPaddedRows) {
-        for (; m + kRowsOfX <= a.M; m += kRowsOfX) Tile<kRowsOfX, kRowsOfW, Out>::run(a, m, w, n, y, N);
-        for (; m < a.M; ++m) Tile<1, kRowsOfW, Out>::run(a, m, w, n, y, N);
-        n += kRowsOfW;
-      } else {
-        const bool full = n + kRowsOfW <= n_end;
-        for (; m + kRowsOfX <= a.M; m += kRowsOfX) {
-          full ? Tile<kRowsOfX, kRowsOfW, Out>::run(a, m, w, n, y, N) : Tile<kRowsOfX, 1, Out>::run(a, m, w, n, y, N);
-        }
-        for (; m < a.M; ++m) full ? Tile<1, kRowsOfW, Out>::run(a, m, w, n, y, N) : Tile<1, 1, Out>::run(a, m, w, n, y, N);
-        n += full ? kRowsOfW : 1;
-      }
-    }
+  llminfer::for_each_tile<Weights::kPaddedRows>(a.M, N, [&](auto rows_of_x, auto rows_of_w, int64_t m, int64_t n) {
+    Tile<decltype(rows_of_x)::value, decltype(rows_of_w)::value, Out>::run(a, m, w, n, y, N);
   });
 }
 
