@@ -26,7 +26,8 @@ from llminfer.ops import recording
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("quantized_linear.cpp", "float_linear.cpp", "decode_ops.cpp", "step_graph.cpp")]
+           for name in ("quantized_linear.cpp", "quantized_gemm.cpp", "float_linear.cpp", "decode_ops.cpp",
+                         "step_graph.cpp")]
 
 
 def unavailable_reason() -> str | None:

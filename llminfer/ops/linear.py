@@ -194,8 +194,54 @@ def _blocks32_grid(table: torch.Tensor, group_size: int, k: int) -> tuple[torch.
     return scale, -first_blocks[..., 1] / scale
 
 
+PANEL_COLUMNS = 8
+
+
+def _pack_panels8(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our kernel's layout for any number of rows (ops/csrc/quantized_gemm.cpp): panels of 8 output columns (N zero
+    padded), blocks of 32 inputs (K zero padded); block b of a panel is 4 x 32 bytes, vector j holding levels
+    k = 32b + 8j + t (low nibble) and 32b + 8j + 4 + t (high) of column c at byte 4c + t. The table holds float16
+    (scales, minimums) of the panel's 8 columns per block, [Np/8, Kb, 2, 8], w = q * scale + min."""
+    n, k = levels.shape
+    padded_n, blocks = -(-n // PANEL_COLUMNS) * PANEL_COLUMNS, -(-k // 32)
+    grid = F.pad(levels, (0, blocks * 32 - k, 0, padded_n - n)).view(padded_n // 8, 8, blocks, 4, 2, 4)
+    grid = grid.permute(0, 2, 3, 1, 5, 4)  # panel, block, j, column, t, low/high
+    qweight = (grid[..., 0] | grid[..., 1] << 4).reshape(padded_n // 8, blocks, 128).contiguous()
+    s = scale.half().clamp(min=SMALLEST_FLOAT16_SCALE)  # what the table holds, so that the grid reads back exactly
+    m = (-zero.float() * scale.float()).half()
+    per_block = group_size // 32
+    table = torch.stack([s.repeat_interleave(per_block, dim=1), m.repeat_interleave(per_block, dim=1)], dim=1)
+    table = F.pad(table[..., :blocks], (0, 0, 0, 0, 0, padded_n - n))  # [Np, 2, Kb]
+    return qweight, table.view(padded_n // 8, 8, 2, blocks).permute(0, 3, 2, 1).contiguous()
+
+
+def _panels8_levels(qweight: torch.Tensor, table: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    panels, blocks = qweight.shape[:2]
+    grid = qweight.view(panels, blocks, 4, 8, 4)
+    grid = torch.stack([grid & 15, grid >> 4], dim=-1)  # panel, block, j, column, t, low/high
+    return grid.permute(0, 3, 1, 2, 5, 4).reshape(panels * 8, blocks * 32)[:_panel_columns(table), :k].contiguous()
+
+
+def _panels8_grid(table: torch.Tensor, group_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = table.permute(0, 3, 2, 1).reshape(-1, 2, table.shape[1])[:_panel_columns(table)].float()  # [N, 2, Kb]
+    first_blocks = rows[:, :, : k // 32 : group_size // 32]
+    scale = first_blocks[:, 0]
+    return scale, -first_blocks[:, 1] / scale
+
+
+def _panels8_dequantized(qweight: torch.Tensor, table: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """float32 [N, K]: levels * scale + min, per block of 32."""
+    levels = _panels8_levels(qweight, table, 32, k).float()
+    rows = table.permute(0, 3, 2, 1).reshape(-1, 2, table.shape[1])[:n].float()
+    scale = rows[:, 0].repeat_interleave(32, dim=1)[:, :k]
+    minimum = rows[:, 1].repeat_interleave(32, dim=1)[:, :k]
+    return levels * scale + minimum
+
+
 INT4_LAYOUTS = {"tinygemm": Int4Layout(_pack_tinygemm, _tinygemm_levels, _tinygemm_grid),
-                "blocks32": Int4Layout(_pack_blocks32, _blocks32_levels, _blocks32_grid)}
+                "blocks32": Int4Layout(_pack_blocks32, _blocks32_levels, _blocks32_grid),
+                "panels8": Int4Layout(_pack_panels8, _panels8_levels, _panels8_grid)}
 
 
 @implement("int4_weight_linear", "reference", weight_layout="tinygemm", capturable=True)
@@ -206,18 +252,29 @@ def int4_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, group_s
     return torch.ops.aten._weight_int4pack_mm(x, qweight, group_size, table)
 
 
-@implement("int4_weight_linear", "cpu_int4", devices=("cpu",), priority=10, weight_layout="blocks32",
+@implement("int4_weight_linear", "cpu_int4", devices=("cpu",), priority=10, weight_layout="panels8",
            requirement=cpu_kernels.build_requirement, capturable=True)
 def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_size: int,
                                 table: torch.Tensor) -> torch.Tensor:
     """Q4_1-style: activations quantized to int8 in blocks of 32 inside the kernel, unsigned levels x signed
-    activations summed exactly per block, scaled by both blocks' scales, plus min x the block's activation sum.
-    Other dtypes (float16) and prompts (PROMPT_ROWS) take the dequantized weight through a float matmul."""
-    kernels = cpu_kernels.kernels()
-    if _kernel_takes(x) and x.shape[1] % 32 == 0 and not _dequantized_matmul_wins(x):
-        return kernels.int4_linear(x.contiguous(), qweight, table, cpu_kernels.isa())
-    dtype = x.dtype if cpu_kernels.takes(x) else torch.float32
-    return F.linear(x, kernels.dequantize_int4(qweight, table, x.shape[1], dtype).to(x.dtype))
+    activations summed exactly per block in int16, scaled by both blocks' scales, plus min x the block's activation
+    sum; 8 output columns per register (ops/csrc/quantized_gemm.cpp), for one row as for a batch (AVX2: 2.7-3.3x
+    the blocks32 kernel from 1 to 64 rows, docs/PERFORMANCE.md). Other dtypes (float16) and, where bfloat16 has dot
+    products, prompts (PROMPT_ROWS) take the dequantized weight through a float matmul."""
+    columns = _panel_columns(table)
+    if _kernel_takes(x) and not _dequantized_matmul_wins(x):
+        return cpu_kernels.kernels().int4_gemm(x.contiguous(), qweight, table, columns)
+    return F.linear(x, _panels8_dequantized(qweight, table, columns, x.shape[1]).to(x.dtype))
+
+
+def _panel_columns(table: torch.Tensor) -> int:
+    """N of a panels8 table: padding columns have scale 0, real ones at least float16's smallest (counted once per
+    table, remembered on it: the count is a device sync)."""
+    columns = getattr(table, "_panel_columns", None)
+    if columns is None:
+        columns = int(table.shape[0] * PANEL_COLUMNS - (table[-1, 0, 0] == 0).sum())
+        table._panel_columns = columns
+    return columns
 
 
 @implement("int8_int8_linear", "reference", capturable=True)

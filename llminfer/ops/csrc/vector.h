@@ -23,4 +23,11 @@ __attribute__((target(AVX2_TARGET))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Eight float32 as bfloat16 bits in the low halves of the lanes: the same rounding as bf16_bits.
+__attribute__((target(AVX2_TARGET))) inline __m256i bf16_rounded(const float* p) {
+  const __m256i bits = _mm256_castps_si256(_mm256_loadu_ps(p));
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+}
+
 }  // namespace llminfer
