@@ -380,3 +380,32 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path,
         cpu_kernels.remove_stale_lock(tmp_path)
     assert not lock.exists() and "by a build that did not finish" in caplog.text
     cpu_kernels.remove_stale_lock(tmp_path)  # nothing to remove: nothing happens
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 70])
+@pytest.mark.parametrize("n, k, group_size", [(37, 96, 32), (64, 576, 64), (8, 40, 32)])
+def test_panels8_int4_gemm_matches_a_float64_product_and_the_layout_reads_back(kernels, rows, n, k, group_size):
+    """The panels8 layout packs and reads back bit for bit (levels, scales, zero points; N and K not multiples of
+    the panel or block), and its kernel for any row count is within int8 activation rounding of the float64
+    product with the same weights."""
+    layout = INT4_LAYOUTS["panels8"]
+    generator = torch.Generator().manual_seed(rows * 1000 + n)
+    groups = -(-k // group_size)
+    levels = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=generator)
+    scale = torch.rand(n, groups, generator=generator) * 0.05 + 0.001
+    zero = torch.randint(0, 16, (n, groups), generator=generator).float()
+    qweight, table = layout.pack(levels, scale, zero, group_size, torch.float32)
+    assert torch.equal(layout.levels(qweight, table, group_size, k), levels)
+    scale_back, zero_back = layout.grid(table, group_size, k)
+    assert all(torch.equal(a, b) for a, b in zip(layout.pack(levels, scale_back, zero_back, group_size,
+                                                             torch.float32), (qweight, table)))
+    s = scale.half().double().repeat_interleave(group_size, 1)[:, :k]
+    minimum = (-zero * scale).half().double().repeat_interleave(group_size, 1)[:, :k]
+    weight = levels.double() * s + minimum
+    x = torch.randn(rows, k, generator=generator)
+    expected = x.double() @ weight.T
+    y = kernels.int4_gemm(x, qweight, table, n)
+    assert y.shape == (rows, n)
+    assert ((y.double() - expected).abs().max() / expected.abs().max()).item() < 2e-2
+    y_bf16 = kernels.int4_gemm(x.bfloat16(), qweight, table, n)
+    assert ((y_bf16.double() - expected).abs().max() / expected.abs().max()).item() < 3e-2

@@ -225,7 +225,7 @@ def _panels8_levels(qweight: torch.Tensor, table: torch.Tensor, group_size: int,
 
 def _panels8_grid(table: torch.Tensor, group_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = table.permute(0, 3, 2, 1).reshape(-1, 2, table.shape[1])[:_panel_columns(table)].float()  # [N, 2, Kb]
-    first_blocks = rows[:, :, : k // 32 : group_size // 32]
+    first_blocks = rows[:, :, : -(-k // 32) : group_size // 32]
     scale = first_blocks[:, 0]
     return scale, -first_blocks[:, 1] / scale
 
