@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llminfer import LLM, SamplingParams
-from llminfer.engine.sampler import Sampler, SamplingInput, apply_penalties, filter_logits
+from llminfer.engine.sampler import Sampler, SamplingInput, apply_penalties, draw, filter_logits
 from llminfer.errors import InvalidSamplingParamsError
 
 PROBS = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
@@ -101,6 +101,74 @@ def test_logprobs_are_the_raw_distribution_with_top_alternatives():
     assert all(math.isclose(v, float(e), abs_tol=1e-5) for (_, v), e in zip(first.top, expected_top.values))
     third = out.logprobs[2]  # reported before penalties and temperature
     assert third.top == [] and math.isclose(third.logprob, float(oracle[2, out.token_ids[2]]), abs_tol=1e-5)
+
+
+def sample_one_row(logits: torch.Tensor, row: SamplingInput) -> int:
+    """The sampler, one row at a time and without batching tricks: the reference the batched sampler must
+    equal token for token."""
+    params = row.params
+    if params.has_penalties:
+        logits = apply_penalties(logits, params, row.prompt_token_ids, row.output_token_ids)
+    if params.is_greedy:
+        return int(logits.argmax())
+    scaled = (logits / params.temperature).clamp(-torch.finfo(torch.float32).max, torch.finfo(torch.float32).max)
+    if params.top_k > 0 or params.top_p < 1 or params.min_p > 0:
+        scaled = filter_logits(scaled[None], torch.tensor([max(params.top_k, 0)]), torch.tensor([params.top_p]),
+                               torch.tensor([params.min_p]))[0]
+    uniform = torch.rand(1, generator=row.generator)
+    return int(draw(scaled.softmax(dim=-1)[None], uniform)[0])
+
+
+def random_row(rng: torch.Generator, vocab: int, seed: int) -> SamplingInput:
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    params = SamplingParams(
+        temperature=pick([0.0, 0.5, 1.0, 1.7]), top_k=pick([0, 0, 1, 5, 40, 300]), top_p=pick([1.0, 0.9, 0.5]),
+        min_p=pick([0.0, 0.0, 0.05]), repetition_penalty=pick([1.0, 1.0, 1.3, 0.8]),
+        presence_penalty=pick([0.0, 0.0, 0.5, -0.3]), frequency_penalty=pick([0.0, 0.0, 0.25, 1.5]))
+    history = torch.randint(vocab, (2, int(torch.randint(12, (1,), generator=rng))), generator=rng).tolist()
+    return SamplingInput(params, history[0], history[1], torch.Generator().manual_seed(seed))
+
+
+def test_batched_sampler_equals_the_row_by_row_sampler_on_random_batches():
+    """Same seeds, same tokens: penalties, temperature, top-k (both the topk and the sort path, mixed in one
+    batch), top-p, min-p and the draw, over 40 random batches of 3 steps each."""
+    rng = torch.Generator().manual_seed(7)
+    vocab, sampler, compared = 500, Sampler(), 0
+    for batch_index in range(40):
+        batch = int(torch.randint(1, 24, (1,), generator=rng))
+        rows = [random_row(rng, vocab, seed=1000 * batch_index + i) for i in range(batch)]
+        twins = [SamplingInput(r.params, r.prompt_token_ids, list(r.output_token_ids),
+                               torch.Generator().manual_seed(r.generator.initial_seed())) for r in rows]
+        for _ in range(3):
+            logits = torch.randn(batch, vocab, generator=rng) * 3
+            got = sampler(logits, rows).token_ids
+            expected = [sample_one_row(logits[i], twin) for i, twin in enumerate(twins)]
+            assert got == expected, (batch_index, [r.params for r in rows])
+            for row, twin, token in zip(rows, twins, got):
+                row.output_token_ids.append(token)
+                twin.output_token_ids.append(token)
+            compared += batch
+    assert compared > 600
+
+
+def test_draw_is_the_inverse_cdf_of_the_probabilities():
+    """Against a float64 walk along the cumulative probabilities; probability-0 tokens are never drawn."""
+    rng = torch.Generator().manual_seed(3)
+    probs = torch.rand(6, 1000, generator=rng) ** 8
+    probs[:, ::3] = 0.0
+    probs /= probs.sum(dim=-1, keepdim=True)
+    uniforms = torch.rand(6, generator=rng)
+    uniforms[0], uniforms[1] = 0.0, 1.0 - 2**-24  # the ends of [0, 1)
+    got = draw(probs, uniforms).tolist()
+    cdf = torch.cat([torch.zeros(6, 1, dtype=torch.float64), probs.double().cumsum(dim=-1)], dim=-1)
+    for row, token in enumerate(got):
+        target = float(uniforms[row]) * float(cdf[row, -1])
+        assert probs[row, token] > 0
+        # token owns [cdf[token], cdf[token + 1]) of the float64 walk, up to float32's rounding of the sums
+        assert float(cdf[row, token]) - 1e-6 <= target < float(cdf[row, token + 1]) + 1e-6, (row, token)
+    assert got[0] == 1  # u = 0: the first token with probability (token 0 has none)
 
 
 @pytest.mark.parametrize("field,value", [

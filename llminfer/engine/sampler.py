@@ -3,6 +3,10 @@
 Order, as in Hugging Face and vLLM: penalties on raw logits, then greedy argmax, or
 temperature -> top-k / top-p / min-p filtering -> softmax -> draw with the request's generator.
 
+Every stage runs on the whole batch at once (a step's cost must not grow with Python work per row); the only
+per-row work is one uniform number from each seeded row's own generator, so a seeded row draws the same
+token whatever else is in the batch (tests compare against a row-by-row sampler).
+
 A row whose logits are not finite (NaN or +inf: broken weights, an overflow) gets an error instead of a
 token; the other rows are sampled as if it were not there. Every later stage keeps finite rows finite:
 the parameters are bounded by validation, and values are clamped where arithmetic could still overflow.
@@ -11,6 +15,7 @@ the parameters are bounded by validation, and values are clamped where arithmeti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -47,10 +52,49 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     return _clamp_overflow(logits)
 
 
+def apply_penalties_batch(logits: torch.Tensor, rows: list[SamplingInput]) -> torch.Tensor:
+    """logits: [B, V], one row per input: apply_penalties on every row at once. The histories become two
+    scatters into [B, V] tables (tokens seen anywhere, tokens counted in the output); the arithmetic is
+    apply_penalties' own, element for element, so both give the same bits."""
+    batch, vocab = logits.shape
+    device = logits.device
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=logits.dtype, device=device)[:, None]
+
+    def history_table(histories: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        rows_of = torch.repeat_interleave(torch.arange(batch, device=device),
+                                          torch.tensor([len(h) for h in histories], device=device))
+        ids = torch.tensor(list(chain.from_iterable(histories)), dtype=torch.long, device=device)
+        keep = ids < vocab
+        rows_of, ids = rows_of[keep], ids[keep]
+        table = torch.zeros(batch, vocab, dtype=dtype, device=device)
+        return table.index_put_((rows_of, ids), torch.ones_like(ids, dtype=dtype), accumulate=True)
+
+    params = [row.params for row in rows]
+    repetition = column([p.repetition_penalty for p in params])
+    seen = history_table([row.prompt_token_ids + row.output_token_ids for row in rows], logits.dtype) > 0
+    penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen & (repetition != 1.0), penalised, logits)
+    counts = history_table([row.output_token_ids for row in rows], logits.dtype)
+    logits = logits - (column([p.frequency_penalty for p in params]) * counts
+                       + column([p.presence_penalty for p in params]) * (counts > 0).to(logits.dtype))
+    return _clamp_overflow(logits)
+
+
 def _clamp_overflow(logits: torch.Tensor) -> torch.Tensor:
     """Logits pushed past float32's range become +-max, not inf: softmax of finite values is never NaN, and a
     token at -max (a masked one included) still gets probability 0 next to any real logit."""
     return logits.clamp(min=-_FLOAT32_MAX, max=_FLOAT32_MAX)
+
+
+def _clamp_overflow_(logits: torch.Tensor) -> torch.Tensor:
+    return logits.clamp_(min=-_FLOAT32_MAX, max=_FLOAT32_MAX)
+
+
+def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """tensor[rows], without the copy when rows are all of them (in order)."""
+    return tensor if len(rows) == tensor.shape[0] else tensor[rows]
 
 
 def finite_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -60,24 +104,109 @@ def finite_rows(logits: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(logits.amax(dim=-1))
 
 
+# Ranking a whole row means sorting it (SmolLM2, batch 64: 200 ms for 49152 logits a row, more than the
+# model's step), so rows are ranked only as deep as they need with topk: their top-k, or for top-p alone these
+# many candidates, which is exact when they already hold top_p of the mass (tokens past them are cut anyway);
+# rows they do not cover, and top-k over a large share of the vocabulary, still sort.
+TOP_P_CANDIDATES = 256
+_TOPK_SHARE = 8
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Set to -inf every token outside top-k, outside the top-p nucleus, or below min_p * max prob.
 
     logits: [B, V] (already temperature-scaled); top_k: [B] (0 = off), top_p: [B], min_p: [B].
-    The most likely token always survives.
+    The most likely token always survives. Which way a row is ranked (not at all for min-p alone, topk, or a
+    full sort) depends on that row alone, so batching never changes its result.
     """
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    rank = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    small_k = (top_k > 0) & (top_k < vocab // _TOPK_SHARE)
+    nucleus_only = (top_k == 0) & (top_p < 1) & (vocab > TOP_P_CANDIDATES)
+    min_p_only = (top_k == 0) & (top_p >= 1)
+    shallow = small_k | nucleus_only
+    parts = []  # (rows, their filtered logits)
+    if bool(min_p_only.any()):
+        rows = _where(min_p_only)
+        sub = _take(logits, rows)
+        probs = sub.softmax(dim=-1)
+        parts.append((rows, sub.masked_fill(probs < _take(min_p, rows)[:, None] * probs.amax(dim=-1, keepdim=True),
+                                            float("-inf"))))
+    if bool(shallow.any()):
+        rows = _where(shallow)
+        depth = int(torch.where(small_k, top_k, torch.full_like(top_k, TOP_P_CANDIDATES))[shallow].max())
+        filtered, covered = _filter_ranked(_take(logits, rows), _take(top_k, rows), _take(top_p, rows),
+                                           _take(min_p, rows), depth)
+        covered |= _take(small_k, rows)  # top-k cuts everything past its k anyway
+        if not bool(covered.all()):  # those rows sort after all
+            rows = torch.arange(len(logits), device=logits.device) if rows is None else rows
+            shallow[rows[~covered]] = False
+            rows, filtered = rows[covered], filtered[covered]
+        parts.append((rows, filtered))
+    deep = ~(shallow | min_p_only)
+    if bool(deep.any()):
+        rows = _where(deep)
+        parts.append((rows, _filter_ranked(_take(logits, rows), _take(top_k, rows), _take(top_p, rows),
+                                           _take(min_p, rows), vocab)[0]))
+    if len(parts) == 1 and parts[0][0] is None:
+        return parts[0][1]
+    result = torch.empty_like(logits)
+    for rows, filtered in parts:
+        result[slice(None) if rows is None else rows] = filtered
+    return result
+
+
+def _where(mask: torch.Tensor) -> torch.Tensor | None:
+    """The rows a mask selects, or None for all of them (the common case: every row of a step alike)."""
+    return None if bool(mask.all()) else mask.nonzero()[:, 0]
+
+
+def _take(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return tensor if rows is None else tensor[rows]
+
+
+def _filter_ranked(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                   depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank each row's best `depth` tokens and filter them; everything past them is cut. Also returns which
+    rows that is exact for under top-p alone: those whose candidates hold at least top_p of the mass."""
+    vocab = logits.shape[-1]
+    if depth < vocab:  # probabilities under the whole row's softmax (its maximum is the first candidate)
+        ranked_logits, order = logits.topk(depth, dim=-1)
+        best = ranked_logits[:, :1]
+        probs = (ranked_logits - best).exp_() / (logits - best).exp_().sum(dim=-1, keepdim=True)
+    else:
+        ranked_logits, order = logits.sort(dim=-1, descending=True)
+        probs = ranked_logits.softmax(dim=-1)
+    rank = torch.arange(depth, device=logits.device).expand_as(ranked_logits)
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
     remove = rank >= k[:, None]
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
+    mass = probs.cumsum(dim=-1)
+    mass_before = mass - probs  # probability of the strictly better tokens
     remove |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 is off, whatever the rounding
     remove |= probs < min_p[:, None] * probs[:, :1]
     remove[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    ranked_logits = ranked_logits.masked_fill(remove, float("-inf"))
+    covered = (mass[:, -1] >= top_p) | (depth >= vocab)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, ranked_logits), covered
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: [B, V] probabilities and one uniform in [0, 1) per row -> [B] token ids. Each token's
+    share of [0, total) is its probability up to one float32 rounding (6e-8), however long the vocabulary, and
+    a token of probability 0 owns an empty interval, so it is never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniforms[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
+def row_uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One uniform per row: from the row's own generator where it has one (its seed then fixes its draws
+    whatever else is batched with it), from the global generator for the rest, in one call."""
+    uniforms = torch.rand(len(generators), device=device)
+    for i, generator in enumerate(generators):
+        if generator is not None:
+            uniforms[i] = torch.rand(1, generator=generator, device=device)[0]
+    return uniforms
 
 
 @dataclass
@@ -106,27 +235,35 @@ class Sampler:
         if not all(ok):  # failed rows ride along as zeros, so batched operations stay finite
             logits = logits.masked_fill(~torch.tensor(ok, device=logits.device)[:, None], 0.0)
         raw_logits = logits
-        logits = torch.stack([
-            apply_penalties(logits[i], row.params, row.prompt_token_ids, row.output_token_ids)
-            if row.params.has_penalties and ok[i] else logits[i]
-            for i, row in enumerate(rows)
-        ])
-        chosen = logits.argmax(dim=-1).tolist()
+        penalised = [i for i, row in enumerate(rows) if row.params.has_penalties and ok[i]]
+        if penalised:
+            logits = logits.clone()
+            logits[penalised] = apply_penalties_batch(logits[penalised], [rows[i] for i in penalised])
+        greedy = [i for i, row in enumerate(rows) if row.params.is_greedy and ok[i]]
+        chosen = [-1] * len(rows)
+        if greedy:
+            for i, token in zip(greedy, _rows(logits, greedy).argmax(dim=-1).tolist()):
+                chosen[i] = token
         sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy and ok[i]]
         if sampled:
-            sub = logits[sampled]
             params = [rows[i].params for i in sampled]
-            temperature = torch.tensor([p.temperature for p in params], device=sub.device)
-            sub = _clamp_overflow(sub / temperature[:, None])
-            sub = filter_logits(
-                sub,
-                torch.tensor([max(p.top_k, 0) for p in params], device=sub.device),
-                torch.tensor([p.top_p for p in params], device=sub.device),
-                torch.tensor([p.min_p for p in params], device=sub.device),
-            )
-            probs = sub.softmax(dim=-1)
-            for j, i in enumerate(sampled):
-                chosen[i] = int(torch.multinomial(probs[j], 1, generator=rows[i].generator).item())
+            temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+            sub = _clamp_overflow_(_rows(logits, sampled) / temperature[:, None])
+            filtered = [j for j, p in enumerate(params) if p.top_k > 0 or p.top_p < 1 or p.min_p > 0]
+            if filtered:
+                kept = filter_logits(
+                    _rows(sub, filtered),
+                    torch.tensor([max(params[j].top_k, 0) for j in filtered], device=sub.device),
+                    torch.tensor([params[j].top_p for j in filtered], device=sub.device),
+                    torch.tensor([params[j].min_p for j in filtered], device=sub.device),
+                )
+                if len(filtered) == len(sampled):
+                    sub = kept
+                else:
+                    sub[filtered] = kept
+            uniforms = row_uniforms([rows[i].generator for i in sampled], sub.device)
+            for i, token in zip(sampled, draw(sub.softmax(dim=-1), uniforms).tolist()):
+                chosen[i] = token
         chosen = [token if row_ok else -1 for token, row_ok in zip(chosen, ok)]
         logprobs = token_logprobs(raw_logits, chosen, [row if ok[i] else None for i, row in enumerate(rows)])
         return SamplerOutput(chosen, logprobs, errors)
