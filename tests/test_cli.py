@@ -164,6 +164,23 @@ def test_bench_throughput_reports_kv_use_and_prefix_hits(tiny_llama_folder):
     assert 0 < report["kv_blocks_peak"] <= report["kv_blocks_total"]
 
 
+def test_bench_throughput_profiles_the_widest_pure_decode_steps(tiny_llama_folder, capsys):
+    """--profile times each phase of the steady-state steps: they add up to the step, and the widest batch is
+    the one reported (4 requests decoding together; prefill and mixed steps are left out)."""
+    from llminfer.cli.main import main
+
+    code = main(["bench", "throughput", "--model", str(tiny_llama_folder), "--num-prompts", "4", "--input-len", "8",
+                 "--output-len", "6", "--max-num-batched-tokens", "64", "--profile", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    profile = report["step_profile"]
+    assert code == 0 and report["max_num_batched_tokens"] == 64
+    assert profile["batch_size"] == 4 and profile["steps"] >= 3
+    ms = profile["ms"]
+    assert all(ms[phase] > 0 for phase in ("schedule", "prepare inputs", "forward + logits", "sampler"))
+    assert ms["other"] >= 0 and sum(v for k, v in ms.items() if k != "step") == pytest.approx(ms["step"])
+    assert profile["outside_forward_share"] == pytest.approx(1 - ms["forward + logits"] / ms["step"])
+
+
 def test_the_synthetic_chat_workload_is_fixed_seed_and_spans_its_length_ranges():
     from llminfer.cli.bench import CHAT_OUTPUT_LENGTHS, CHAT_PROMPT_LENGTHS, synthetic_prompts, workload
 

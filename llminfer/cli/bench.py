@@ -392,13 +392,74 @@ def print_latency_percentiles(report: dict) -> None:
                   f"p99 {p['p99'] * 1000:8.1f} ms")
 
 
+class StepProfile:
+    """Where an engine step's time goes, phase by phase, for the pure-decode steps of the widest batch (the
+    steady state of a many-request run). The engine's methods are wrapped on this instance only, so nothing is
+    timed outside a benchmark: the forward pass (a graph replay on CPU: kernels only, no Python) against
+    everything around it, which must stay flat as the batch grows."""
+
+    PHASES = ("schedule", "prepare inputs", "forward + logits", "sampler", "update requests")
+
+    def __init__(self, engine) -> None:
+        self.current: dict[str, float] = {}
+        self.decode_steps: dict[int, list[dict[str, float]]] = {}  # batch size -> each step's phases
+        scheduler, runner = engine.scheduler, engine.runner
+        scheduler.schedule = self._timed("schedule", scheduler.schedule)
+        runner.prepare = self._timed("prepare inputs", runner.prepare)
+        runner.execute = self._timed("forward + logits", runner.execute)
+        runner.sampler = self._timed("sampler", runner.sampler)
+        scheduler.update_from_output = self._timed("update requests", scheduler.update_from_output)
+        self.last_batch = None
+
+    def _timed(self, phase: str, function: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            self.current[phase] = self.current.get(phase, 0.0) + time.perf_counter() - start
+            if phase == "schedule":
+                self.last_batch = result
+            return result
+        return timed
+
+    def start_step(self) -> None:
+        self.current, self.last_batch = {}, None
+        self._step_start = time.perf_counter()
+
+    def end_step(self) -> None:
+        batch = self.last_batch
+        if batch is None or not batch.requests or any(n != 1 for n in batch.num_new_tokens):
+            return
+        self.current["step"] = time.perf_counter() - self._step_start
+        self.decode_steps.setdefault(len(batch.requests), []).append(self.current)
+
+    def report(self) -> dict | None:
+        if not self.decode_steps:
+            return None
+        batch_size = max(self.decode_steps)
+        steps = self.decode_steps[batch_size][1:] or self.decode_steps[batch_size]  # the first one records
+        mean = {phase: statistics.fmean(s.get(phase, 0.0) for s in steps) * 1e3 for phase in (*self.PHASES, "step")}
+        mean["other"] = mean["step"] - sum(mean[phase] for phase in self.PHASES)
+        outside = mean["step"] - mean["forward + logits"]
+        return {"batch_size": batch_size, "steps": len(steps), "ms": mean,
+                "outside_forward_share": outside / mean["step"]}
+
+
+def print_step_profile(profile: dict) -> None:
+    ms = profile["ms"]
+    print(f"step profile: {profile['steps']} pure-decode steps of batch {profile['batch_size']}, "
+          f"{ms['step']:.1f} ms each")
+    for phase in (*StepProfile.PHASES, "other"):
+        print(f"  {phase:<18}{ms[phase]:>8.2f} ms {ms[phase] / ms['step']:>7.1%}")
+    print(f"  outside the forward pass: {profile['outside_forward_share']:.1%} of the step")
+
+
 def throughput_command(args: argparse.Namespace) -> int:
     from llminfer.engine import LLM, SamplingParams
 
     log = _log
     log(f"loading {args.model} ({args.dtype}, {args.device}, {args.threads or available_cores()} threads)")
     llm = LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
-              enable_prefix_caching=not args.no_prefix_caching)
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
     dtype = llm.config.dtype  # "auto" resolved
     if args.perplexity and llm.tokenizer is None:  # refused before the timed run
         from llminfer.errors import TokenizerError
@@ -414,10 +475,15 @@ def throughput_command(args: argparse.Namespace) -> int:
     peak = {"used_slots": 0, "tokens_held": 0}
     slot_steps = token_steps = 0  # KV slots in use and tokens they hold, summed over steps
     first_token, finished = {}, {}  # request id -> seconds from the start (every request arrives at 0)
+    profile = StepProfile(engine) if args.profile else None
     start = time.perf_counter()
     steps = 0
     while engine.has_unfinished_requests():
+        if profile is not None:
+            profile.start_step()
         outputs = engine.step()
+        if profile is not None:
+            profile.end_step()
         now = time.perf_counter() - start
         for output in outputs:
             if output.outputs[0].token_ids:
@@ -449,6 +515,7 @@ def throughput_command(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "num_prompts": args.num_prompts, "input_len": args.input_len,
         "prefix_len": args.prefix_len, "output_len": args.output_len, "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens, "prefix_caching": not args.no_prefix_caching,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
         "ttft_s": percentiles(list(first_token.values())), "tpot_s": percentiles(tpot),
         "kv_block_size": stats.block_size, "kv_blocks_total": stats.total_blocks,
         "kv_blocks_peak": stats.peak_used_blocks, "kv_slots_at_peak": peak["used_slots"],
@@ -458,6 +525,8 @@ def throughput_command(args: argparse.Namespace) -> int:
         "prefill_tokens_computed": prompt_tokens - stats.prefix_cache_hit_tokens,
         "preemptions": engine.scheduler.num_preemptions,
     }
+    if profile is not None:
+        report["step_profile"] = profile.report()
     if llm.tensor_parallel_size > 1:
         from llminfer.parallel.communication import communication
 
@@ -493,6 +562,8 @@ def throughput_command(args: argparse.Namespace) -> int:
           f"over the run); contiguous per-request reservation of the full context: {contiguous_slots} slots")
     print(f"prefix cache: {stats.prefix_cache_hit_rate:.1%} of prompt tokens hit; prefill computed "
           f"{report['prefill_tokens_computed']} of {prompt_tokens} prompt tokens; preemptions {report['preemptions']}")
+    if report.get("step_profile"):
+        print_step_profile(report["step_profile"])
     if "tensor_parallel_size" in report:
         print(f"tensor parallel: {report['tensor_parallel_size']} ranks, rank 0 spent "
               f"{report['communication_ms_per_step']:.2f} ms per step in collectives "

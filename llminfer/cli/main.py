@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="fixed: --input-len / --output-len for every request; synthetic-chat: fixed-seed "
                                  "lengths, prompts 16-1024 tokens and outputs 16-512 (default: %(default)s)")
     throughput.add_argument("--max-num-seqs", type=positive_int, default=64)
+    throughput.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
+                            help="tokens per engine step, as llminfer serve's flag (default: %(default)s)")
     throughput.add_argument("--no-prefix-caching", action="store_true")
     throughput.add_argument("--compare", choices=["hf"], help="also run transformers' batched generate")
     throughput.add_argument("--hf-batch-size", type=positive_int, default=64, help="prompts per transformers batch")
@@ -183,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="also print this configuration's perplexity against float32's (pydoc_data.topics)")
     throughput.add_argument("--hf-dtype", choices=["float32", "bfloat16"],
                             help="transformers' dtype (default: ours), to compare each engine's best on this CPU")
+    throughput.add_argument("--profile", action="store_true",
+                            help="also time each phase of the pure-decode steps at the widest batch (schedule, "
+                                 "inputs, forward, sampler, updates)")
     throughput.add_argument("--json", action="store_true", help="print JSON instead of a table")
     throughput.set_defaults(handler=_lazy("llminfer.cli.bench", "throughput_command"))
     serve_bench = bench_kinds.add_parser("serve", help="load a running server with streaming requests")
