@@ -86,7 +86,9 @@ async def run_load(url: str, model: str | None, requests: list[tuple[list[int], 
             _log(f"{done}/{len(requests)} requests done")
         return timing
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    # A fresh connection per request: llama-server (cpp-httplib) closes a kept-alive connection after 5 s idle or
+    # 5 requests, and a request sent on one it just closed fails with "Server disconnected" (2 of 64 did).
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as http:
         start = time.perf_counter()
         timings = await asyncio.gather(*(one(http, prompt, n) for prompt, n in requests))
