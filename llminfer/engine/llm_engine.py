@@ -16,6 +16,7 @@ from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.request import Request
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.engine.scheduler import Scheduler
+from llminfer.engine.structured import GrammarCompiler, MaskWorker
 from llminfer.engine.step_graph import DecodeGraphs
 from llminfer.errors import ConfigError, InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
 from llminfer.kv_cache import KVCacheManager, KVCacheStats, PagedKVCache, attention_backend
@@ -47,7 +48,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len,
                                    self._fork_sample, config.scheduling_policy)
         backend = attention_backend(config.attention_backend, self.cache, model.ops)
-        self.runner = ModelRunner(model, self.cache, backend, self._step_graphs(backend))
+        self.grammars = (GrammarCompiler.for_tokenizer(tokenizer, cfg.vocab_size, self.eos_token_ids)
+                         if tokenizer is not None else None)
+        self.runner = ModelRunner(model, self.cache, backend, self._step_graphs(backend), MaskWorker(cfg.vocab_size))
         self._groups: dict[str, list[Request]] = {}
         self._ids = itertools.count()
 
@@ -109,6 +112,11 @@ class LLMEngine:
                                              f"vocabulary size {vocab} (or 0 / -1 for off)", field="top_k")
         if not prompt_ids:
             raise InvalidPromptError("prompt is empty: expected at least one token")
+        if params.structured is not None:
+            if self.grammars is None:
+                raise InvalidSamplingParamsError("structured outputs need the model's tokenizer; this model has "
+                                                 "none", field="structured")
+            self.grammars.compile(params.structured)  # refuses what it cannot enforce, before anything is queued
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLongError(
@@ -130,8 +138,9 @@ class LLMEngine:
             stream = TextStream(IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
                                 params.stop)
         request_id = group_id if index == 0 else f"{group_id}#{index}"
+        grammar = self.grammars.matcher(params.structured) if params.structured is not None else None
         return Request(request_id, group_id, prompt_text, prompt_ids, params, stop_ids, generator, stream,
-                       sample_index=index)
+                       sample_index=index, grammar=grammar)
 
     def abort(self, request_id: str) -> None:
         """Stop a request (all its samples) wherever it is; its KV blocks are freed at once."""

@@ -10,6 +10,7 @@ import torch
 from llminfer.engine.sampler import Sampler, SamplerOutput, SamplingInput
 from llminfer.engine.scheduler import ScheduledBatch
 from llminfer.engine.step_graph import DecodeGraphs
+from llminfer.engine.structured import MaskWorker
 from llminfer.kv_cache import PagedKVCache
 from llminfer.layers.attention import AttentionBackend, AttentionMetadata, ForwardContext
 from llminfer.model.base import CausalLM
@@ -32,22 +33,26 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedKVCache, backend: AttentionBackend,
-                 step_graphs: DecodeGraphs | None = None) -> None:
+                 step_graphs: DecodeGraphs | None = None, masks: MaskWorker | None = None) -> None:
         self.model, self.cache, self.backend = model, cache, backend
         self.step_graphs = step_graphs  # pure-decode steps replayed from C++ (None: every step runs eagerly)
         self.device = model.device
         self.sampler = Sampler()
+        self.masks = masks or MaskWorker(model.config.vocab_size)  # structured requests' allowed tokens
 
     def execute_model(self, batch: ScheduledBatch) -> SamplerOutput:
         """Run the step and sample a token for each of the batch's samples (in `batch.samples` order). Requests
-        are only read: the scheduler updates them from this output."""
+        are only read: the scheduler updates them from this output. Structured requests' token masks are
+        computed on a worker thread while the model runs."""
+        pending_masks = self.masks.start([r.grammar for _, r in batch.samples])
         logits = self.compute_logits(batch)
+        allowed = self.masks.finish(pending_masks)
         if not batch.samples:
             return SamplerOutput([], [], [])
         rows = [row for row, _ in batch.samples]
         inputs = [SamplingInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
                   for _, r in batch.samples]
-        return self.sampler(logits[rows], inputs)
+        return self.sampler(logits[rows], inputs, allowed)
 
     def compute_logits(self, batch: ScheduledBatch, all_positions: bool = False) -> torch.Tensor:
         """Logits [B, V] at the last new token of each request (or [T, V] at every new token, for scoring);

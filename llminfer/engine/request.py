@@ -10,6 +10,7 @@ import torch
 from llminfer.engine.outputs import CompletionOutput
 from llminfer.engine.sampler import TokenLogprob
 from llminfer.engine.sampling_params import SamplingParams
+from llminfer.engine.structured import GrammarMatcher
 from llminfer.tokenizer.text_stream import TextStream
 
 
@@ -40,6 +41,7 @@ class Request:
     sample_index: int = 0
     pending_forks: int = 0  # samples still to fork from this one once its first token is drawn
     num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
+    grammar: GrammarMatcher | None = None  # where a structured request is in its grammar
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -62,6 +64,9 @@ class Request:
 
     def append_token(self, token_id: int, max_model_len: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token and decide whether the request is done."""
+        if self.grammar is not None and not self.grammar.accept(token_id):  # the mask makes this a bug
+            return self.fail(f"structured output: token {token_id} does not continue the grammar "
+                             f"({self.grammar.error or 'rejected'})")
         self.output_token_ids.append(token_id)
         if logprob is not None:
             if self.output_logprobs is None:
@@ -71,8 +76,10 @@ class Request:
             return self._finish("stop")
         if self.stream is not None and self.stream.add(token_id):
             return self._finish("stop")
+        if self.grammar is not None and self.grammar.is_finished:  # the structure is complete
+            return self._finish("stop", flush=True)
         if len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
-            self._finish("length")
+            self._finish("length", flush=True)
 
     def abort(self) -> None:
         self.status, self.finish_reason = RequestStatus.FINISHED, "abort"
@@ -81,8 +88,9 @@ class Request:
         """This request cannot go on (its logits were not finite): it finishes alone, the engine goes on."""
         self.status, self.finish_reason, self.error = RequestStatus.FINISHED, "error", error
 
-    def _finish(self, reason: str) -> None:
-        if reason == "length" and self.stream is not None:
+    def _finish(self, reason: str, flush: bool = False) -> None:
+        """flush: generation ended mid-text (not at a stop token or string), so held-back text is final."""
+        if flush and self.stream is not None:
             self.stream.flush()
         self.status, self.finish_reason = RequestStatus.FINISHED, reason
 

@@ -226,15 +226,29 @@ class SamplerOutput:
     errors: list[str | None]  # why a row got no token; None for the rows that did
 
 
+NO_ALLOWED_TOKEN = "structured output: no token can continue the output"
+
+
 class Sampler:
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingInput]) -> SamplerOutput:
-        """logits: [B, V] -> one token id per row (and its logprobs where asked), or that row's error."""
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingInput],
+                 allowed: tuple[list[int], torch.Tensor] | None = None) -> SamplerOutput:
+        """logits: [B, V] -> one token id per row (and its logprobs where asked), or that row's error.
+        allowed: (rows, [R, V] bool) the tokens structured rows may draw; every other token is cut."""
         logits = logits.float()
         ok = finite_rows(logits).tolist()
         errors: list[str | None] = [None if row_ok else NON_FINITE_LOGITS for row_ok in ok]
         if not all(ok):  # failed rows ride along as zeros, so batched operations stay finite
             logits = logits.masked_fill(~torch.tensor(ok, device=logits.device)[:, None], 0.0)
-        raw_logits = logits
+        raw_logits = logits  # logprobs are reported from the model's own distribution, before any mask
+        if allowed is not None:
+            constrained, table = allowed
+            table = table.to(logits.device)
+            logits = logits.clone()
+            logits[constrained] = logits[constrained].masked_fill(~table, float("-inf"))
+            for i, any_allowed in zip(constrained, table.any(dim=-1).tolist()):
+                if not any_allowed and ok[i]:  # a broken matcher; the row rides along as zeros
+                    ok[i], errors[i] = False, NO_ALLOWED_TOKEN
+                    logits[i] = 0.0
         penalised = [i for i, row in enumerate(rows) if row.params.has_penalties and ok[i]]
         if penalised:
             logits = logits.clone()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from llminfer.engine.structured import StructuredOutput
 from llminfer.errors import InvalidSamplingParamsError
 
 # Below this temperature, logits / temperature overflows float32 long before it changes the choice: greedy
@@ -37,6 +38,7 @@ class SamplingParams:
     seed: int | None = None  # per-request seed: same seed, same output; sample i of n draws from seed + i
     skip_special_tokens: bool = True
     logprobs: int | None = None  # report each sampled token's log-probability and this many top alternatives
+    structured: StructuredOutput | None = None  # the output must match this JSON schema, regex, choice or grammar
 
     MAX_LOGPROBS = 20
 
@@ -66,6 +68,8 @@ class SamplingParams:
                    self.seed, f"an integer in [0, 2**64 - n] (here [0, {MAX_SEED - (self.n - 1)}])")
         _check(self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
                "logprobs", self.logprobs, f"an integer in [0, {self.MAX_LOGPROBS}] or None")
+        _check(self.structured is None or isinstance(self.structured, StructuredOutput), "structured",
+               self.structured, "a StructuredOutput or None")
 
     @property
     def is_greedy(self) -> bool:
