@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import uvicorn
@@ -250,6 +252,25 @@ VALIDATION_CASES = [
     (COMPLETIONS, {"prompt": "x", "stream": "yes"}, 400, "stream"),
     (COMPLETIONS, {"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
     (CHAT, {"messages": MSGS, "model": "other"}, 404, "other"),
+    # structured outputs: what cannot be enforced, or does not parse, is refused naming the field
+    (CHAT, {"messages": MSGS, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    (CHAT, {"messages": MSGS, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    (CHAT, {"messages": MSGS, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "if": {"required": ["a"]}}}}}, 400,
+     "'response_format.json_schema.schema': Unimplemented keys: [\"if\"]"),
+    (CHAT, {"messages": MSGS, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "strin"}}}}, 400, "Invalid type: strin"),
+    (COMPLETIONS, {"prompt": "x", "guided_regex": "a(b"}, 400, "'guided_regex': "),
+    (COMPLETIONS, {"prompt": "x", "guided_grammar": 'root ::= "a" missing'}, 400, "missing"),
+    (COMPLETIONS, {"prompt": "x", "guided_choice": []}, 400, "guided_choice"),
+    (COMPLETIONS, {"prompt": "x", "structured_outputs": {"regex": "[a-"}}, 400, "structured_outputs.regex"),
+    (COMPLETIONS, {"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, 400, "conflicting"),
+    (COMPLETIONS, {"prompt": "x", "echo": True, "stream": True}, 400, "echo"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 0, "echo": True, "n": 2}, 400, "n"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": MSGS}, 400, "prompt"),
+    ("/detokenize", {"tokens": [1, 99999]}, 400, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
 ]
 
 
@@ -261,6 +282,84 @@ def test_bad_requests_get_the_openai_error_object_naming_the_field(server, path,
     assert set(error) == {"message", "type", "param", "code"}
     assert field in error["message"], error["message"]
     assert "\n" not in error["message"]
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                          "role": {"enum": ["admin", "user"]}},
+          "required": ["name", "age", "role"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_strict_is_valid_json_streamed_or_not(client):
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for temperature in (0, 1.0):
+        response = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=60, seed=4,
+                                                  temperature=temperature, response_format=response_format)
+        choice = response.choices[0]
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+        stream = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=60, seed=4,
+                                                temperature=temperature, response_format=response_format,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == choice.message.content
+    anything = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=40, temperature=0,
+                                              response_format={"type": "json_object"}).choices[0]
+    if anything.finish_reason == "stop":  # a random model may fill max_tokens inside an open object
+        assert isinstance(json.loads(anything.message.content), dict)
+    else:
+        assert anything.finish_reason == "length" and anything.message.content.startswith("{")
+
+
+def test_vllm_constraint_fields_on_both_endpoints(client):
+    choice = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=10, temperature=0.9, seed=1,
+                                       extra_body={"guided_choice": ["red", "green", "blue"]}).choices[0]
+    assert choice.text in ("red", "green", "blue") and choice.finish_reason == "stop"
+    regex = r"[0-9]{2}-[a-z]{3}"
+    for extra in ({"guided_regex": regex}, {"structured_outputs": {"regex": regex}}):
+        text = client.completions.create(model=MODEL, prompt="Code:", max_tokens=12, temperature=0,
+                                         extra_body=extra).choices[0].text
+        assert re.fullmatch(regex, text), text
+    grammar = 'root ::= "yes" | "no"'
+    chat = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=5, temperature=0,
+                                          extra_body={"guided_grammar": grammar}).choices[0]
+    assert chat.message.content in ("yes", "no")
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_a_full_recompute(server, tiny_chat_folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    text = "Lists are mutable sequences, typically used to store collections"
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": text, "add_special_tokens": True}).json()["tokens"]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_chat_folder, torch_dtype=torch.float32)
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    for prompt, max_tokens in ((text, 0), (ids, 0), (text, 1)):
+        body = _post(server, COMPLETIONS, {"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": max_tokens,
+                                           "temperature": 0}).json()
+        choice = body["choices"][0]
+        logprobs = choice["logprobs"]
+        assert len(logprobs["token_logprobs"]) == len(ids) + max_tokens
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        got = torch.tensor(logprobs["token_logprobs"][1:len(ids)], dtype=torch.float64)
+        want = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for position, top in enumerate(logprobs["top_logprobs"][1:len(ids)]):
+            assert max(top.values()) == pytest.approx(float(expected[position].max()), rel=1e-4)
+        assert choice["text"].startswith(text) and body["usage"]["completion_tokens"] == max_tokens
+        assert choice["finish_reason"] == "length"
+
+
+def test_tokenizer_endpoints_in_the_shapes_lm_eval_reads(server, oracle):
+    tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": "test words", "add_special_tokens": False}).json()
+    assert tokens["tokens"] == oracle.tokenizer.encode("test words", add_special_tokens=False)
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 256
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": MSGS}).json()["tokens"]
+    assert chat == oracle.tokenizer.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=True)
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}).json()
+    assert back == {"prompt": "test words"}
+    info = httpx.get(f"{server.url}/tokenizer_info").json()
+    assert info["eos_token"] == oracle.tokenizer.eos_token and info["chat_template"] == oracle.tokenizer.chat_template
 
 
 def test_prompt_over_the_context_names_both_numbers(server):

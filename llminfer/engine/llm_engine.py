@@ -175,8 +175,11 @@ class LLMEngine:
         samples = self._groups[group_id]
         first = samples[0]
         finished = all(r.is_finished for r in samples) and not first.pending_forks
+        prompt_logprobs = None
+        if first.params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *first.prompt_logprobs]
         output = RequestOutput(group_id, first.prompt, first.prompt_token_ids, [r.to_completion() for r in samples],
-                               finished)
+                               finished, prompt_logprobs)
         if finished:
             del self._groups[group_id]
         return output

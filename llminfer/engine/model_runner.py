@@ -3,11 +3,11 @@ plain SamplerOutput. It never writes into requests; the scheduler does, from tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from llminfer.engine.sampler import Sampler, SamplerOutput, SamplingInput
+from llminfer.engine.sampler import Sampler, SamplerOutput, SamplingInput, scored_logprobs
 from llminfer.engine.scheduler import ScheduledBatch
 from llminfer.engine.step_graph import DecodeGraphs
 from llminfer.engine.structured import MaskWorker
@@ -29,6 +29,7 @@ class StepInputs:
     block_tables: list[list[int]]  # padded to the widest
     block_copies: list[tuple[int, int]]
     all_positions: bool  # logits at every new token (scoring) instead of each sequence's last
+    extra_logit_rows: list[int] = field(default_factory=list)  # flat token rows whose logits follow the last rows'
 
 
 class ModelRunner:
@@ -45,14 +46,43 @@ class ModelRunner:
         are only read: the scheduler updates them from this output. Structured requests' token masks are
         computed on a worker thread while the model runs."""
         pending_masks = self.masks.start([r.grammar for _, r in batch.samples])
-        logits = self.compute_logits(batch)
+        step = self.prepare(batch)
+        scored = self._scored_prompt_rows(batch, step)
+        step.extra_logit_rows = [row for _, rows, _ in scored for row in rows]
+        logits = self.execute(step)
         allowed = self.masks.finish(pending_masks)
+        prompt_logprobs = []
+        offset = len(batch.requests)
+        for request, rows, targets in scored:
+            prompt_logprobs.append((request, scored_logprobs(logits[offset:offset + len(rows)], targets,
+                                                             request.params.prompt_logprobs)))
+            offset += len(rows)
         if not batch.samples:
-            return SamplerOutput([], [], [])
+            return SamplerOutput([], [], [], prompt_logprobs)
         rows = [row for row, _ in batch.samples]
         inputs = [SamplingInput(r.params, r.prompt_token_ids, r.output_token_ids, r.generator)
                   for _, r in batch.samples]
-        return self.sampler(logits[rows], inputs, allowed)
+        output = self.sampler(logits[rows], inputs, allowed)
+        output.prompt_logprobs = prompt_logprobs
+        return output
+
+    @staticmethod
+    def _scored_prompt_rows(batch: ScheduledBatch, step: StepInputs) -> list[tuple[object, list[int], list[int]]]:
+        """For requests scoring their prompt: (request, the flat rows whose logits predict a prompt token not
+        yet scored, those tokens). Row p predicts token p + 1; after a preemption the prompt is recomputed, but
+        what was scored before is not scored again."""
+        scored = []
+        for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            if request.params.prompt_logprobs is None:
+                continue
+            first = request.num_computed_tokens
+            start = max(first, len(request.prompt_logprobs))
+            end = min(first + n, len(request.prompt_token_ids) - 1)
+            if start < end:
+                base = step.query_start_loc[i] - first
+                scored.append((request, [base + p for p in range(start, end)],
+                               request.prompt_token_ids[start + 1:end + 1]))
+        return scored
 
     def compute_logits(self, batch: ScheduledBatch, all_positions: bool = False) -> torch.Tensor:
         """Logits [B, V] at the last new token of each request (or [T, V] at every new token, for scoring);
@@ -77,7 +107,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInputs) -> torch.Tensor:
         self.cache.copy_blocks(step.block_copies)
-        if self.step_graphs is not None:
+        if self.step_graphs is not None and not step.extra_logit_rows:
             logits = self.step_graphs.run(step)
             if logits is not None:
                 return logits
@@ -88,5 +118,5 @@ class ModelRunner:
                             ForwardContext(self.backend, metadata))
         if step.all_positions:
             return self.model.compute_logits(hidden)
-        last_rows = torch.tensor([s - 1 for s in step.query_start_loc[1:]], device=device)
+        last_rows = torch.tensor([s - 1 for s in step.query_start_loc[1:]] + step.extra_logit_rows, device=device)
         return self.model.compute_logits(hidden[last_rows])

@@ -42,6 +42,7 @@ class Request:
     pending_forks: int = 0  # samples still to fork from this one once its first token is drawn
     num_computed_tokens: int = 0  # tokens whose keys/values are in the cache
     grammar: GrammarMatcher | None = None  # where a structured request is in its grammar
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.. (prompt_logprobs set)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -80,6 +81,10 @@ class Request:
             return self._finish("stop", flush=True)
         if len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
             self._finish("length", flush=True)
+
+    def finish_prompt_only(self) -> None:
+        """max_tokens 0: the prompt is computed (and scored); nothing is generated."""
+        self._finish("length")
 
     def abort(self) -> None:
         self.status, self.finish_reason = RequestStatus.FINISHED, "abort"

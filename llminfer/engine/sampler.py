@@ -14,8 +14,9 @@ the parameters are bounded by validation, and values are clamped where arithmeti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
+from typing import Any
 
 import torch
 
@@ -224,6 +225,8 @@ class SamplerOutput:
     token_ids: list[int]  # -1 where the row failed
     logprobs: list[TokenLogprob | None]  # None for rows that did not ask for logprobs (or failed)
     errors: list[str | None]  # why a row got no token; None for the rows that did
+    # (request, logprobs of the prompt tokens this step predicted) for requests that score their prompt
+    prompt_logprobs: list[tuple[Any, list[TokenLogprob]]] = field(default_factory=list)
 
 
 NO_ALLOWED_TOKEN = "structured output: no token can continue the output"
@@ -300,3 +303,12 @@ def token_logprobs(logits: torch.Tensor, chosen: list[int],
         top = list(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist()))
         result[i] = TokenLogprob(chosen[i], float(chosen_values[j, 0]), top)
     return result
+
+
+def scored_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
+    """[N, V] logits and the token that actually came next at each row -> its logprob and the `top` best."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+    return [TokenLogprob(t, v, list(zip(ids, values)))
+            for t, v, ids, values in zip(targets, chosen, top_ids.tolist(), top_values.tolist())]

@@ -23,7 +23,7 @@ MAX_TOP_K = 2**31 - 1  # the engine also refuses a top_k larger than the model's
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: score the prompt only (with prompt_logprobs), generate nothing
     n: int = 1  # samples per prompt; they share the prompt's KV blocks
     temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) means greedy
     top_k: int = 0  # 0 or -1: off
@@ -39,13 +39,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # report each sampled token's log-probability and this many top alternatives
     structured: StructuredOutput | None = None  # the output must match this JSON schema, regex, choice or grammar
+    prompt_logprobs: int | None = None  # each prompt token's log-probability (the first has none) and top ones
 
     MAX_LOGPROBS = 20
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check(_integer(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(_integer(self.max_tokens) and self.max_tokens >= 0, "max_tokens", self.max_tokens, "an integer >= 0")
+        _check(self.max_tokens != 0 or self.n == 1, "n", self.n, "1 when max_tokens is 0 (nothing is sampled)")
         _check(_integer(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
         _check(_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
                "a finite number >= 0 (0 means greedy)")
@@ -68,6 +70,9 @@ class SamplingParams:
                    self.seed, f"an integer in [0, 2**64 - n] (here [0, {MAX_SEED - (self.n - 1)}])")
         _check(self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= self.MAX_LOGPROBS),
                "logprobs", self.logprobs, f"an integer in [0, {self.MAX_LOGPROBS}] or None")
+        _check(self.prompt_logprobs is None or (_integer(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS),
+               "prompt_logprobs", self.prompt_logprobs, f"an integer in [0, {self.MAX_LOGPROBS}] or None")
         _check(self.structured is None or isinstance(self.structured, StructuredOutput), "structured",
                self.structured, "a StructuredOutput or None")
 

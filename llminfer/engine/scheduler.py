@@ -128,7 +128,9 @@ class Scheduler:
         # New requests only join when nobody had to be preempted: they would just take the blocks back.
         while self.waiting and not preempted_now and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting.peek()
-            cached = self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+            # A prompt to be scored is computed whole: its cached blocks would have no logits.
+            scored = request.params.prompt_logprobs is not None
+            cached = self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 and not scored else []
             if self.kv.prefix_in_flight(request, cached):
                 break  # its next prefix block is being computed right now: take it from the cache next step
             cached_tokens = len(cached) * self.kv.block_size
@@ -153,7 +155,7 @@ class Scheduler:
         """Who draws a token after this step: every request that reaches its end (a prefill chunk that stops
         short of it does not), and the other n - 1 samples of a request whose prompt completes now."""
         for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            if request.num_computed_tokens + n < request.num_tokens:
+            if request.num_computed_tokens + n < request.num_tokens or request.params.max_tokens == 0:
                 continue
             batch.samples.append((row, request))
             if request.pending_forks:
@@ -174,6 +176,10 @@ class Scheduler:
         for request, n in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += n
             self.kv.cache_full_blocks(request)
+            if request.params.max_tokens == 0 and request.num_computed_tokens == request.num_tokens:
+                request.finish_prompt_only()
+        for request, logprobs in output.prompt_logprobs:
+            request.prompt_logprobs.extend(logprobs)
         for parent, children in batch.forks:
             for child in children:
                 child.num_computed_tokens = parent.num_computed_tokens

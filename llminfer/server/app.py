@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from llminfer.engine.outputs import RequestOutput
+from llminfer.engine.sampler import TokenLogprob
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.errors import InvalidPromptError, InvalidSamplingParamsError, RequestFailedError, TokenizerError
 from llminfer.server.async_engine import AsyncEngine, EngineDeadError, EngineSnapshot
@@ -28,7 +29,9 @@ from llminfer.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LogprobFormatter,
+    TokenizeRequest,
     new_id,
     now,
     parse_body,
@@ -104,17 +107,60 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(_chat_page_html())
 
+    # The tokenizer endpoints vLLM serves, in the shapes lm-evaluation-harness's remote tokenizer reads.
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        tokenizer = _tokenizer(state)
+        body = parse_body(TokenizeRequest, await _read_body(request, config.max_body_bytes))
+        _check_model(body.model, config)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
+        try:
+            if body.messages is not None:
+                ids = await asyncio.to_thread(tokenizer.apply_chat_template,
+                                              [m.as_template_input() for m in body.messages],
+                                              add_generation_prompt=body.add_generation_prompt, tokenize=True)
+            else:
+                ids = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
+        except TokenizerError as exc:
+            raise APIError(400, f"invalid 'messages': {exc}", param="messages") from None
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
+                "token_strs": tokenizer.convert_ids_to_tokens(ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        tokenizer = _tokenizer(state)
+        body = parse_body(DetokenizeRequest, await _read_body(request, config.max_body_bytes))
+        _check_model(body.model, config)
+        vocab = state.engine.engine.model.config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"invalid 'tokens': token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tokenizer = _tokenizer(state)
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token, "pad_token": None, "chat_template": tokenizer.chat_template,
+                "model_max_length": state.max_model_len, "vocab_size": tokenizer.vocab_size}
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         engine = _admit(state)
         body = parse_body(CompletionRequest, await _read_body(request, config.max_body_bytes))
         _check_model(body.model, config)
-        if body.echo:
-            raise APIError(400, "invalid 'echo': echoing the prompt is not supported", param="echo")
         prompts = [await asyncio.to_thread(_prompt_ids, state, p) for p in body.prompt]
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
-        params = _sampling_params(state, body, prompts, max_tokens, body.logprobs)
-        call = _Call(engine, state, new_id("cmpl"), prompts, params, body.model or config.model_name)
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "invalid 'max_tokens': 0 generates nothing; it needs 'echo': true (to score the "
+                                "prompt)", param="max_tokens")
+        # echo with logprobs scores the prompt: every prompt token's logprob, as evaluation harnesses read it
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        params = _sampling_params(state, body, prompts, max_tokens, body.logprobs, prompt_logprobs=prompt_logprobs)
+        call = _Call(engine, state, new_id("cmpl"), prompts, params, body.model or config.model_name,
+                     echo=body.echo)
         if body.stream:
             return _sse(call.completion_chunks(body.include_usage))
         return JSONResponse(await call.collect(request, call.completion_response))
@@ -221,6 +267,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _tokenizer(state: ServerState) -> Tokenizer:
+    if not state.ready:
+        raise APIError(503, f"service unavailable: {_unavailable_reason(state)}", error_type="server_error",
+                       headers={"Retry-After": str(state.config.retry_after_s)})
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer")
+    return state.tokenizer
+
+
 def _check_model(model: str | None, config: ServerConfig) -> None:
     if model is not None and model != config.model_name:
         raise APIError(404, f"model '{model}' does not exist; this server serves '{config.model_name}'",
@@ -241,16 +296,21 @@ def _prompt_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
 
 
 def _sampling_params(state: ServerState, body: Any, prompts: list[list[int]], max_tokens: int,
-                     logprobs: int | None) -> SamplingParams:
+                     logprobs: int | None, **extra: Any) -> SamplingParams:
     if body.n > state.config.max_n:
         raise APIError(400, f"invalid 'n': {body.n} is over this server's cap of {state.config.max_n}", param="n")
+    structured_param = None
     try:
-        params = body.sampling_params(max_tokens, logprobs)
+        structured_param = body.structured_output()[1]
+        params = body.sampling_params(max_tokens, logprobs, **extra)
         for ids in prompts:
             if not ids:
                 raise APIError(400, "invalid 'prompt': prompt is empty (no tokens)", param="prompt")
             state.engine.engine.check_request(ids, params)
     except InvalidSamplingParamsError as exc:
+        if exc.field and exc.field.startswith("structured") and structured_param:  # name the request's field
+            reason = str(exc).split(": ", 1)[-1]
+            raise APIError(400, f"invalid '{structured_param}': {reason}", param=structured_param) from None
         raise APIError(400, str(exc), param=exc.field) from None
     except InvalidPromptError as exc:
         raise APIError(400, str(exc), param="max_tokens") from None
@@ -263,9 +323,9 @@ class _Call:
     """One completions or chat call: one engine request per prompt, each with n choices."""
 
     def __init__(self, engine: AsyncEngine, state: ServerState, call_id: str, prompts: list[list[int]],
-                 params: SamplingParams, model: str) -> None:
+                 params: SamplingParams, model: str, echo: bool = False) -> None:
         self.engine, self.state, self.id, self.prompts, self.params = engine, state, call_id, prompts, params
-        self.model, self.created = model, now()
+        self.model, self.created, self.echo = model, now(), echo
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         tokenizer = state.tokenizer
@@ -337,13 +397,25 @@ class _Call:
         self._record(finals)
         return respond(finals)
 
+    def _echoed(self, output: RequestOutput) -> tuple[str, list | None]:
+        """With echo: the prompt's text and (when logprobs were asked) its tokens' logprobs, the first None."""
+        text = self.state.tokenizer.decode(output.prompt_token_ids) if self.state.tokenizer else ""
+        if output.prompt_logprobs is None:
+            return text, None
+        return text, [lp if lp is not None else TokenLogprob(t, None, [])  # type: ignore[arg-type]
+                      for t, lp in zip(output.prompt_token_ids, output.prompt_logprobs)]
+
     def completion_response(self, finals: dict[int, RequestOutput]) -> dict:
         choices = []
         for prompt_index in sorted(finals):
-            for c in finals[prompt_index].outputs:
-                choices.append({"index": self._choice_index(prompt_index, c.index), "text": c.text,
-                                "logprobs": self.logprobs.completion(c.logprobs) if c.logprobs is not None else None,
-                                "finish_reason": c.finish_reason})
+            output = finals[prompt_index]
+            prompt_text, prompt_logprobs = self._echoed(output) if self.echo else ("", None)
+            for c in output.outputs:
+                logprobs = None
+                if c.logprobs is not None or prompt_logprobs is not None:
+                    logprobs = self.logprobs.completion((prompt_logprobs or []) + (c.logprobs or []))
+                choices.append({"index": self._choice_index(prompt_index, c.index), "text": prompt_text + c.text,
+                                "logprobs": logprobs, "finish_reason": c.finish_reason})
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage(finals), "system_fingerprint": None}
 
@@ -388,6 +460,10 @@ class _Call:
             yield {**base, "choices": [], "usage": self._usage(finals)}
 
     def completion_chunks(self, include_usage: bool) -> AsyncIterator[dict]:
+        if self.echo:
+            raise APIError(400, "invalid 'echo': not supported with 'stream': true; send it unstreamed",
+                           param="echo")
+
         def choice(index: int, c: Any, new_logprobs: list | None, text_offset: int) -> dict | None:
             if not c.delta and not c.finish_reason and not new_logprobs:
                 return None

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llminfer.engine.sampler import TokenLogprob
 from llminfer.engine.sampling_params import SamplingParams
+from llminfer.engine.structured import StructuredOutput
+from llminfer.errors import InvalidSamplingParamsError
 
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
 
@@ -39,8 +41,37 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's `structured_outputs` request field."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingRequest(_Strict):
     model: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's names for the other constraints: the older guided_* fields and the newer structured_outputs
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsField | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
@@ -67,12 +98,45 @@ class _SamplingRequest(_Strict):
             raise ValueError("stop strings must not be empty")
         return stops
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, **extra: Any) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, stop=self.stop, seed=self.seed, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            ignore_eos=self.ignore_eos, logprobs=logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, structured=self.structured_output()[0], **extra)
+
+    def structured_output(self) -> tuple[StructuredOutput | None, str | None]:
+        """The one constraint the request asks for, and the field that asked (errors name it); two at once is
+        a 400, never one silently winning."""
+        asked: list[tuple[str, dict[str, Any]]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise InvalidSamplingParamsError("invalid 'response_format.json_schema': type json_schema needs "
+                                                 "its schema", field="response_format.json_schema")
+            asked.append(("response_format.json_schema.schema", {"json": fmt.json_schema.schema_}))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                asked.append((name, {kind: getattr(self, name)}))
+        if self.structured_outputs is not None:
+            fields = self.structured_outputs
+            for kind, value in (("json", fields.json_), ("regex", fields.regex), ("choice", fields.choice),
+                                ("grammar", fields.grammar), ("json_object", fields.json_object or None)):
+                if value is not None:
+                    asked.append((f"structured_outputs.{kind}", {kind: value}))
+        if not asked:
+            return None, None
+        if len(asked) > 1:
+            raise InvalidSamplingParamsError(f"conflicting output constraints: {asked[0][0]} and {asked[1][0]}; "
+                                             "send one", field=asked[1][0])
+        param, spec = asked[0]
+        try:
+            return StructuredOutput(**spec), param
+        except InvalidSamplingParamsError as exc:
+            raise InvalidSamplingParamsError(f"invalid '{param}': {str(exc).split(': ', 1)[-1]}", field=param) from None
 
     @property
     def include_usage(self) -> bool:
@@ -80,6 +144,7 @@ class _SamplingRequest(_Strict):
 
 
 class CompletionRequest(_SamplingRequest):
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing
     prompt: Any
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -123,6 +188,21 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize body: text, or chat messages rendered through the template first."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 def parse_body(model: type[BaseModel], body: bytes) -> Any:
@@ -174,12 +254,20 @@ class LogprobFormatter:
                    for lp in logprobs]
         return {"content": content, "refusal": None}
 
+    def _top(self, logprob: TokenLogprob) -> dict[str, float]:
+        """Keyed by text, as OpenAI's legacy shape is: two tokens of the same text keep the better value."""
+        top: dict[str, float] = {}
+        for token_id, value in logprob.top:
+            top.setdefault(self.token_text(token_id), value)
+        return top
+
     def completion(self, logprobs: list[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
+        """An echoed prompt's first token has logprob None (nothing predicts it): its top_logprobs is None."""
         tokens = [self.token_text(lp.token_id) for lp in logprobs]
         offsets = []
         for token in tokens:
             offsets.append(text_offset)
             text_offset += len(token)
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-                "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in logprobs],
+                "top_logprobs": [self._top(lp) if lp.logprob is not None else None for lp in logprobs],
                 "text_offset": offsets}
