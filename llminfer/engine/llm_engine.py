@@ -16,8 +16,8 @@ from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.request import Request
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.engine.scheduler import Scheduler
-from llminfer.engine.structured import GrammarCompiler, MaskWorker
 from llminfer.engine.step_graph import DecodeGraphs
+from llminfer.engine.structured import GrammarCompiler, MaskWorker
 from llminfer.errors import ConfigError, InvalidPromptError, InvalidSamplingParamsError, PromptTooLongError
 from llminfer.kv_cache import KVCacheManager, KVCacheStats, PagedKVCache, attention_backend
 from llminfer.model.base import CausalLM
