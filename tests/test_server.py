@@ -350,6 +350,113 @@ def test_echo_with_logprobs_scores_the_prompt_as_a_full_recompute(server, tiny_c
         assert choice["finish_reason"] == "length"
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 12},
+                                                "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                                "required": ["city", "unit"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+    "a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def long_context_client(tiny_chat_folder, tmp_path_factory):
+    """The tiny chat model with a 2048-token context: tool prompts (the tools' schemas in the tiny
+    vocabulary) do not fit in its 256."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny-chat-2048") / "model"
+    shutil.copytree(tiny_chat_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    live = LiveServer(LLM(str(folder)))
+    yield openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+    live.close()
+
+
+def streamed_tool_calls(stream) -> tuple[str, list[tuple[str, str]], str]:
+    """(content, [(name, arguments)], finish_reason) reassembled from chat chunks, as an OpenAI client does."""
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+                if delta.id:
+                    assert call["id"] is None and delta.id.startswith("call_")
+                    call["id"] = delta.id
+                call["name"] += (delta.function.name or "") if delta.function else ""
+                call["arguments"] += (delta.function.arguments or "") if delta.function else ""
+            finish = choice.finish_reason or finish
+    return content, [(c["name"], c["arguments"]) for _, c in sorted(calls.items())], finish
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_forced_tool_calls_have_valid_arguments_streamed_or_not(long_context_client, tool_choice):
+    client = long_context_client
+    tools = [WEATHER, ADD]
+    for temperature in (0, 1.0):
+        # one call: the random model never picks EOS, so with parallel calls it writes them until max_tokens
+        kwargs = dict(model=MODEL, messages=ASK, tools=tools, tool_choice=tool_choice, max_tokens=120, seed=11,
+                      temperature=temperature, parallel_tool_calls=False)
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+        assert calls and all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
+        if isinstance(tool_choice, dict):
+            assert [name for name, _ in calls] == ["add"]
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+        for name, arguments in calls:
+            jsonschema.validate(json.loads(arguments), schemas[name])
+        content, streamed, finish = streamed_tool_calls(client.chat.completions.create(**kwargs, stream=True))
+        assert (content, streamed, finish) == ("", calls, "tool_calls")
+
+
+def test_auto_tool_choice_extracts_the_call_the_model_writes(long_context_client):
+    client = long_context_client
+    # The tiny random model would not choose a tool by itself: a regex makes it write one, so the parser is
+    # tested on text that really came out of the engine.
+    written = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>'
+    kwargs = dict(model=MODEL, messages=ASK, tools=[WEATHER, ADD], max_tokens=200, temperature=0,
+                  extra_body={"guided_regex": re.escape(written)})
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris",
+                                                                                         "unit": "celsius"})
+    _, streamed, finish = streamed_tool_calls(client.chat.completions.create(**kwargs, stream=True))
+    assert streamed == [(call.function.name, call.function.arguments)] and finish == "tool_calls"
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=8, temperature=0,
+                                           extra_body={"guided_regex": "Sunny, [0-9]{2} degrees"}).choices[0]
+    assert plain.message.tool_calls is None and plain.message.content.startswith("Sunny")
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}]
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], tool_choice="none",
+                                            max_tokens=6, temperature=0).choices[0]
+    assert answer.message.tool_calls is None and answer.finish_reason == "length"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "add"}}}, "'add'"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+    ({"tools": [WEATHER, WEATHER]}, "two tools"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{not json"}}]}]}, "arguments are not valid JSON"),
+])
+def test_bad_tool_requests_are_a_400_naming_the_field(long_context_client, body, field):
+    response = httpx.post(f"{long_context_client.base_url}chat/completions", json={"messages": ASK, **body})
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"]["message"]
+
+
 def test_tokenizer_endpoints_in_the_shapes_lm_eval_reads(server, oracle):
     tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": "test words", "add_special_tokens": False}).json()
     assert tokens["tokens"] == oracle.tokenizer.encode("test words", add_special_tokens=False)

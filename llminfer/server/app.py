@@ -18,10 +18,12 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.sampler import TokenLogprob
 from llminfer.engine.sampling_params import SamplingParams
+from llminfer.engine.structured import StructuredOutput
 from llminfer.errors import InvalidPromptError, InvalidSamplingParamsError, RequestFailedError, TokenizerError
 from llminfer.server.async_engine import AsyncEngine, EngineDeadError, EngineSnapshot
 from llminfer.server.metrics import ServerMetrics
@@ -37,6 +39,7 @@ from llminfer.server.protocol import (
     parse_body,
     usage,
 )
+from llminfer.server.tools import ToolCallStream, ToolPlan, plan_tool_use
 from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -173,17 +176,21 @@ def create_app(state: ServerState) -> FastAPI:
         if state.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template", param="messages")
         messages = [m.as_template_input() for m in body.messages]
+        plan = _tool_plan(state, body, messages)
+        template_variables = {"tools": plan.template_tools} if plan.template_tools else {}
         try:
-            prompt = await asyncio.to_thread(state.tokenizer.apply_chat_template, messages,
-                                             add_generation_prompt=True, tokenize=True)
+            prompt = await asyncio.to_thread(state.tokenizer.apply_chat_template, plan.messages,
+                                             add_generation_prompt=True, tokenize=True, **template_variables)
         except TokenizerError as exc:
             raise APIError(400, f"invalid 'messages': {exc}", param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or max(state.max_model_len - len(prompt), 1)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "invalid 'top_logprobs': requires 'logprobs': true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = _sampling_params(state, body, [prompt], max_tokens, logprobs)
-        call = _Call(engine, state, new_id("chatcmpl"), [prompt], params, body.model or config.model_name)
+        extra = {"structured": plan.grammar} if plan.grammar is not None else {}
+        params = _sampling_params(state, body, [prompt], max_tokens, logprobs, **extra)
+        call = _Call(engine, state, new_id("chatcmpl"), [prompt], params, body.model or config.model_name,
+                     tools=plan)
         if body.stream:
             return _sse(call.chat_chunks(body.include_usage))
         return JSONResponse(await call.collect(request, call.chat_response))
@@ -267,6 +274,29 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _tool_plan(state: ServerState, body: ChatCompletionRequest, messages: list[dict[str, Any]]) -> ToolPlan:
+    """Check the tools (each parameter schema must compile: a call under it must be enforceable) and plan."""
+    tools = [tool.as_template_input() for tool in body.tools or []]
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
+    grammars = state.engine.engine.grammars
+    for i, tool in enumerate(tools):
+        parameters = tool["function"].get("parameters")
+        if parameters is not None and grammars is not None:
+            try:
+                grammars.compile(StructuredOutput(json=parameters))
+            except InvalidSamplingParamsError as exc:
+                param = f"tools.{i}.function.parameters"
+                raise APIError(400, f"invalid '{param}': {str(exc).split(': ', 1)[-1]}", param=param) from None
+    try:
+        plan = plan_tool_use(messages, tools, choice, body.parallel_tool_calls, state.tokenizer.chat_template)
+    except ValueError as exc:
+        raise APIError(400, f"invalid 'tool_choice': {exc}", param="tool_choice") from None
+    if plan.grammar is not None and body.structured_output()[0] is not None:
+        raise APIError(400, "invalid 'tool_choice': a forced tool call cannot also follow response_format or "
+                            "another output constraint", param="tool_choice")
+    return plan
+
+
 def _tokenizer(state: ServerState) -> Tokenizer:
     if not state.ready:
         raise APIError(503, f"service unavailable: {_unavailable_reason(state)}", error_type="server_error",
@@ -323,9 +353,11 @@ class _Call:
     """One completions or chat call: one engine request per prompt, each with n choices."""
 
     def __init__(self, engine: AsyncEngine, state: ServerState, call_id: str, prompts: list[list[int]],
-                 params: SamplingParams, model: str, echo: bool = False) -> None:
+                 params: SamplingParams, model: str, echo: bool = False, tools: ToolPlan | None = None) -> None:
         self.engine, self.state, self.id, self.prompts, self.params = engine, state, call_id, prompts, params
         self.model, self.created, self.echo = model, now(), echo
+        self.tool_names = tools.tool_names if tools is not None else set()
+        self.forced_call = tools is not None and tools.grammar is not None
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         tokenizer = state.tokenizer
@@ -420,10 +452,19 @@ class _Call:
                 "choices": choices, "usage": self._usage(finals), "system_fingerprint": None}
 
     def chat_response(self, finals: dict[int, RequestOutput]) -> dict:
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": self.logprobs.chat(c.logprobs) if c.logprobs is not None else None,
-                    "finish_reason": c.finish_reason}
-                   for c in finals[0].outputs]
+        choices = []
+        for c in finals[0].outputs:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+            finish_reason = c.finish_reason
+            if self.tool_names:
+                content, calls = ToolCallStream(self.tool_names, incremental=False).feed(c.text, finished=True)
+                if calls:
+                    message["content"] = content or None
+                    message["tool_calls"] = [{"id": d["id"], "type": "function", "function": d["function"]}
+                                             for d in calls]
+                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            choices.append({"index": c.index, "message": message, "finish_reason": finish_reason,
+                            "logprobs": self.logprobs.chat(c.logprobs) if c.logprobs is not None else None})
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage(finals), "system_fingerprint": None}
 
@@ -475,13 +516,30 @@ class _Call:
         return self._chunks(include_usage, "text_completion", choice)
 
     def chat_chunks(self, include_usage: bool) -> AsyncIterator[dict]:
+        # With tools, each choice's text goes through a ToolCallStream: content, then call deltas (arguments
+        # streamed as they grow when a grammar forces the call, each call whole once it parses otherwise).
+        streams = {i: ToolCallStream(self.tool_names, incremental=self.forced_call) for i in range(self.params.n)} \
+            if self.tool_names else {}
+
         def choice(index: int, c: Any, new_logprobs: list | None, _: int) -> dict | None:
-            if not c.delta and not c.finish_reason and not new_logprobs:
+            delta: dict[str, Any] = {}
+            finish_reason = c.finish_reason
+            if index in streams:
+                stream = streams[index]
+                content, calls = stream.feed(c.delta, c.finish_reason is not None)
+                if content:
+                    delta["content"] = content
+                if calls:
+                    delta["tool_calls"] = calls
+                if stream.has_calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            elif c.delta or not c.finish_reason:
+                delta["content"] = c.delta
+            if not delta and not finish_reason and not new_logprobs:
                 return None
-            delta = {"content": c.delta} if c.delta or not c.finish_reason else {}
             return {"index": index, "delta": delta,
                     "logprobs": self.logprobs.chat(new_logprobs) if new_logprobs is not None else None,
-                    "finish_reason": c.finish_reason}
+                    "finish_reason": finish_reason}
 
         first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                  for i in range(self.params.n)]
