@@ -181,6 +181,24 @@ def test_bench_throughput_profiles_the_widest_pure_decode_steps(tiny_llama_folde
     assert profile["outside_forward_share"] == pytest.approx(1 - ms["forward + logits"] / ms["step"])
 
 
+def test_bench_throughput_runs_the_workload_again_under_a_json_schema(tiny_chat_folder, tmp_path, capsys):
+    from llminfer.cli.main import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"tag": {"enum": ["a", "b"]}}, "required": ["tag"],
+                                  "additionalProperties": False}))
+    code = main(["bench", "throughput", "--model", str(tiny_chat_folder), "--num-prompts", "3", "--input-len", "8",
+                 "--output-len", "40", "--structured-json", str(schema), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    structured = report["structured"]
+    assert code == 0 and [r["engine"] for r in report["results"]] == ["llminfer", "llminfer (JSON schema)"]
+    # {"tag": "a"} is a handful of tokens: every constrained request stops long before its 40
+    assert 3 <= structured["output_tokens"] < 3 * 40 and report["output_tokens"] == 3 * 40
+    assert structured["mask_ms_per_token"] > 0 and structured["mask_wait_ms_per_step"] >= 0
+    assert structured["ratio_vs_unconstrained"] == pytest.approx(
+        report["results"][1]["output_tokens_per_s"] / report["results"][0]["output_tokens_per_s"])
+
+
 def test_the_synthetic_chat_workload_is_fixed_seed_and_spans_its_length_ranges():
     from llminfer.cli.bench import CHAT_OUTPUT_LENGTHS, CHAT_PROMPT_LENGTHS, synthetic_prompts, workload
 

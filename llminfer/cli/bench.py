@@ -453,29 +453,18 @@ def print_step_profile(profile: dict) -> None:
     print(f"  outside the forward pass: {profile['outside_forward_share']:.1%} of the step")
 
 
-def throughput_command(args: argparse.Namespace) -> int:
-    from llminfer.engine import LLM, SamplingParams
+def drive_workload(engine, requests: list[tuple[list[int], int]], extra_params: Callable[[int], dict],
+                   profile: StepProfile | None, log: Callable[[str], None]) -> dict:
+    """Queue every request at once (greedy, EOS ignored, extra_params(i) on top) and step the engine to the
+    end: elapsed seconds, each request's first-token and finish times, output lengths, KV occupancy."""
+    from llminfer.engine import SamplingParams
 
-    log = _log
-    log(f"loading {args.model} ({args.dtype}, {args.device}, {args.threads or available_cores()} threads)")
-    llm = LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
-    dtype = llm.config.dtype  # "auto" resolved
-    if args.perplexity and llm.tokenizer is None:  # refused before the timed run
-        from llminfer.errors import TokenizerError
-
-        raise TokenizerError(f"{args.model}: has no tokenizer, so --perplexity has no text to score")
-    requests = workload(args.dataset, args.num_prompts, args.input_len, args.output_len, args.prefix_len,
-                        llm.model_config.vocab_size)
-    prompts = [prompt for prompt, _ in requests]
-    engine = llm.engine
     for i, (prompt, output_len) in enumerate(requests):
-        engine.add_request(prompt, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True),
-                           request_id=str(i))
+        engine.add_request(prompt, SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
+                                                  **extra_params(i)), request_id=str(i))
     peak = {"used_slots": 0, "tokens_held": 0}
     slot_steps = token_steps = 0  # KV slots in use and tokens they hold, summed over steps
-    first_token, finished = {}, {}  # request id -> seconds from the start (every request arrives at 0)
-    profile = StepProfile(engine) if args.profile else None
+    first_token, finished, lengths = {}, {}, {}  # request id -> seconds from the start (all arrive at 0)
     start = time.perf_counter()
     steps = 0
     while engine.has_unfinished_requests():
@@ -490,6 +479,7 @@ def throughput_command(args: argparse.Namespace) -> int:
                 first_token.setdefault(output.request_id, now)
             if output.finished:
                 finished[output.request_id] = now
+                lengths[output.request_id] = len(output.outputs[0].token_ids)
         batch_tokens = sum(len(o.outputs) for o in outputs)
         steps += 1
         used_slots = engine.kv_cache_stats().used_blocks * engine.kv.block_size
@@ -499,10 +489,66 @@ def throughput_command(args: argparse.Namespace) -> int:
             peak.update(used_slots=used_slots, tokens_held=held)
         if steps % 20 == 0:
             log(f"step {steps}: {batch_tokens} requests advanced, {len(engine.scheduler.waiting)} waiting")
-    elapsed = time.perf_counter() - start
+    return {"elapsed": time.perf_counter() - start, "first_token": first_token, "finished": finished,
+            "output_lengths": [lengths[str(i)] for i in range(len(requests))], "peak": peak, "steps": steps,
+            "slot_overhead_mean": slot_steps / max(token_steps, 1) - 1}
+
+
+# What `--structured-json` constrains every request to when no schema file is given: an API-style object with
+# strings, numbers, an enum and nested arrays (its outputs run to max_tokens or close early, as real ones do).
+BENCH_SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string"}, "kind": {"enum": ["report", "note", "list"]}, "score": {"type": "number"},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "items": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "count": {"type": "integer"}}, "required": ["name", "count"]}}},
+    "required": ["title", "kind", "score", "tags", "items"]}
+
+
+def measure_structured(llm, requests, schema_file: str, prompt_tokens: int, log: Callable[[str], None]) -> dict:
+    """The same workload again with every request under a JSON schema: throughput, and the mask time."""
+    from llminfer.engine.structured import StructuredOutput
+
+    schema = BENCH_SCHEMA if schema_file == "builtin" else json.loads(Path(schema_file).read_text())
+    spec = StructuredOutput(json=schema)
+    masks = llm.engine.runner.masks
+    before = (masks.masks, masks.mask_seconds, masks.wait_seconds)
+    log("the same workload, each request under a JSON schema")
+    # The first token changed: no prompt block hits the prefix cache the first run filled.
+    vocab = llm.model_config.vocab_size
+    fresh = [([(prompt[0] + 1) % vocab, *prompt[1:]], output_len) for prompt, output_len in requests]
+    run = drive_workload(llm.engine, fresh, lambda _: {"structured": spec}, None, log)
+    elapsed, output_tokens = run["elapsed"], sum(run["output_lengths"])
+    count, seconds, waited = (after - b for after, b in zip((masks.masks, masks.mask_seconds, masks.wait_seconds),
+                                                            before))
+    return {"schema": schema_file, "output_tokens": output_tokens, "steps": run["steps"],
+            "mask_ms_per_token": seconds / max(count, 1) * 1e3, "mask_wait_ms_per_step": waited / run["steps"] * 1e3,
+            "result": ThroughputResult("llminfer (JSON schema)", elapsed, len(requests) / elapsed,
+                                       output_tokens / elapsed, (prompt_tokens + output_tokens) / elapsed)}
+
+
+def throughput_command(args: argparse.Namespace) -> int:
+    from llminfer.engine import LLM
+
+    log = _log
+    log(f"loading {args.model} ({args.dtype}, {args.device}, {args.threads or available_cores()} threads)")
+    llm = LLM(args.model, **model_options(args), max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
+    dtype = llm.config.dtype  # "auto" resolved
+    if args.perplexity and llm.tokenizer is None:  # refused before the timed run
+        from llminfer.errors import TokenizerError
+
+        raise TokenizerError(f"{args.model}: has no tokenizer, so --perplexity has no text to score")
+    requests = workload(args.dataset, args.num_prompts, args.input_len, args.output_len, args.prefix_len,
+                        llm.model_config.vocab_size)
+    prompts = [prompt for prompt, _ in requests]
+    engine = llm.engine
+    profile = StepProfile(engine) if args.profile else None
+    run = drive_workload(engine, requests, lambda _: {}, profile, log)
+    elapsed, first_token, finished, output_lengths, peak = (run["elapsed"], run["first_token"], run["finished"],
+                                                           run["output_lengths"], run["peak"])
+    steps = run["steps"]
     stats = llm.kv_cache_stats()
     prompt_tokens = sum(map(len, prompts))
-    output_lengths = [output_len for _, output_len in requests]
     output_tokens = sum(output_lengths)
     results = [ThroughputResult("llminfer", elapsed, args.num_prompts / elapsed, output_tokens / elapsed,
                                 (prompt_tokens + output_tokens) / elapsed)]
@@ -520,7 +566,7 @@ def throughput_command(args: argparse.Namespace) -> int:
         "kv_block_size": stats.block_size, "kv_blocks_total": stats.total_blocks,
         "kv_blocks_peak": stats.peak_used_blocks, "kv_slots_at_peak": peak["used_slots"],
         "kv_tokens_held_at_peak": peak["tokens_held"], "contiguous_reservation_slots": contiguous_slots,
-        "kv_slot_overhead_mean": slot_steps / max(token_steps, 1) - 1,
+        "kv_slot_overhead_mean": run["slot_overhead_mean"],
         "prefix_cache_hit_rate": stats.prefix_cache_hit_rate,
         "prefill_tokens_computed": prompt_tokens - stats.prefix_cache_hit_tokens,
         "preemptions": engine.scheduler.num_preemptions,
@@ -533,6 +579,11 @@ def throughput_command(args: argparse.Namespace) -> int:
         report.update(tensor_parallel_size=llm.tensor_parallel_size,
                       communication_ms_per_step=communication.seconds / max(steps, 1) * 1e3,
                       communication_share=communication.seconds / elapsed)
+    if args.structured_json is not None:
+        report["structured"] = measure_structured(llm, requests, args.structured_json, prompt_tokens, log)
+        results.append(report["structured"].pop("result"))
+        report["structured"]["ratio_vs_unconstrained"] = (results[-1].output_tokens_per_s
+                                                          / results[0].output_tokens_per_s)
     if args.perplexity:  # before the peer: its load may need the memory ours holds
         report["perplexity"] = perplexity_against_float32(llm, args, log)
     if args.compare == "hf":
@@ -541,7 +592,7 @@ def throughput_command(args: argparse.Namespace) -> int:
                                                        args.hf_batch_size, log))
         report["hf_dtype"] = args.hf_dtype or dtype
         report["ratio_vs_transformers"] = {"output_tokens_per_s": results[0].output_tokens_per_s
-                                           / results[1].output_tokens_per_s}
+                                           / results[-1].output_tokens_per_s}
     report["results"] = [asdict(r) for r in results]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -568,6 +619,11 @@ def throughput_command(args: argparse.Namespace) -> int:
         print(f"tensor parallel: {report['tensor_parallel_size']} ranks, rank 0 spent "
               f"{report['communication_ms_per_step']:.2f} ms per step in collectives "
               f"({report['communication_share']:.1%} of the run)")
+    if "structured" in report:
+        st = report["structured"]
+        print(f"under a JSON schema: {st['ratio_vs_unconstrained']:.2f}x the unconstrained output tokens/s; masks "
+              f"{st['mask_ms_per_token']:.3f} ms per token on the worker thread, the step waited "
+              f"{st['mask_wait_ms_per_step']:.3f} ms for them ({st['output_tokens']} tokens, {st['steps']} steps)")
     if "ratio_vs_transformers" in report:
         print(f"llminfer / transformers output tokens/s: {report['ratio_vs_transformers']['output_tokens_per_s']:.2f}x")
     if "perplexity" in report:

@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="also print this configuration's perplexity against float32's (pydoc_data.topics)")
     throughput.add_argument("--hf-dtype", choices=["float32", "bfloat16"],
                             help="transformers' dtype (default: ours), to compare each engine's best on this CPU")
+    throughput.add_argument("--structured-json", nargs="?", const="builtin", metavar="SCHEMA.json",
+                            help="then the same requests, each under a JSON schema (default: a built-in API-style "
+                                 "object): its throughput, the ratio, and the mask time per token")
     throughput.add_argument("--profile", action="store_true",
                             help="also time each phase of the pure-decode steps at the widest batch (schedule, "
                                  "inputs, forward, sampler, updates)")
