@@ -495,11 +495,12 @@ def drive_workload(engine, requests: list[tuple[list[int], int]], extra_params: 
 
 
 # What `--structured-json` constrains every request to when no schema file is given: an API-style object with
-# strings, numbers, an enum and nested arrays (its outputs run to max_tokens or close early, as real ones do).
+# strings, numbers, an enum and a list of records long enough (minItems) that no output can close before
+# max_tokens, so both runs generate the same tokens in the same steps and their throughputs compare directly.
 BENCH_SCHEMA = {"type": "object", "properties": {
     "title": {"type": "string"}, "kind": {"enum": ["report", "note", "list"]}, "score": {"type": "number"},
     "tags": {"type": "array", "items": {"type": "string"}},
-    "items": {"type": "array", "items": {"type": "object", "properties": {
+    "items": {"type": "array", "minItems": 1000, "items": {"type": "object", "properties": {
         "name": {"type": "string"}, "count": {"type": "integer"}}, "required": ["name", "count"]}}},
     "required": ["title", "kind", "score", "tags", "items"]}
 
