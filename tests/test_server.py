@@ -431,9 +431,10 @@ def test_auto_tool_choice_extracts_the_call_the_model_writes(long_context_client
     plain = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=8, temperature=0,
                                            extra_body={"guided_regex": "Sunny, [0-9]{2} degrees"}).choices[0]
     assert plain.message.tool_calls is None and plain.message.content.startswith("Sunny")
-    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
-        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}]
+    called = {"id": call.id, "type": "function",
+              "function": {"name": "get_weather", "arguments": call.function.arguments}}
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [called]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}]
     answer = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], tool_choice="none",
                                             max_tokens=6, temperature=0).choices[0]
     assert answer.message.tool_calls is None and answer.finish_reason == "length"
