@@ -69,7 +69,8 @@ def run_lm_eval(url: str, tasks_dir: Path, output: Path, tasks: list[str]) -> di
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
                f"base_url={url}/v1/completions,model=tiny,tokenizer_backend=remote,num_concurrent=1,max_retries=1",
-               "--tasks", ",".join(tasks), "--include_path", str(tasks_dir), "--output_path", str(output), "--log_samples"]
+               "--tasks", ",".join(tasks), "--include_path", str(tasks_dir), "--output_path", str(output),
+               "--log_samples"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     samples = {}
