@@ -34,9 +34,10 @@ def _stream(llm: LLM, prompt, params: SamplingParams) -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
-    params = sampling_params(args)  # validate before the slow load
+    sampling_params(args)  # validate before the slow load
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = _load(args)
+    params = sampling_params(args, llm.sampling_defaults)  # what the flags leave out: the model's defaults
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages = [*system, {"role": "user", "content": prompt}]
@@ -46,8 +47,9 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
-    params = sampling_params(args)
+    sampling_params(args)
     llm = _load(args)
+    params = sampling_params(args, llm.sampling_defaults)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -94,6 +96,7 @@ def info(args: argparse.Namespace) -> int:
         ("quantization", _quantization_summary(checkpoint)),
         ("tokenizer", "none" if tokenizer is None else f"{tokenizer.vocab_size} tokens, chat template: "
                                                         f"{'yes' if tokenizer.chat_template else 'no'}"),
+        ("sampling defaults", _sampling_summary(checkpoint.sampling_defaults())),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -114,6 +117,15 @@ def _info_ops(device: str) -> int:
         print(f"{row['op']}: {row['doc']}")
         print("\n".join(impls))
     return 0
+
+
+def _sampling_summary(model_defaults: dict) -> str:
+    from llminfer.engine.generation_config import cli_defaults
+
+    values = ", ".join(f"{name} {value:g}" for name, value in cli_defaults(model_defaults).items())
+    if model_defaults:
+        return f"{values} (the model's generation config; the server applies them too)"
+    return f"{values} (llama.cpp's, for generate, chat and the chat page: the model has none)"
 
 
 def _quantization_summary(checkpoint) -> str:

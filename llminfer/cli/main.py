@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LLMINFER_API_KEY)")
-    serve.add_argument("--served-model-name", help="the model id clients send (default: --model)")
+    serve.add_argument("--served-model-name", help="the model id clients send (default: --model, or the name of "
+                                                   "its file or folder)")
+    serve.add_argument("--generation-config", choices=("auto", "none"), default="auto",
+                       help="auto: sampling fields a request leaves out take the model's generation_config.json "
+                            "values (as vLLM); none: OpenAI's defaults (default: auto)")
     serve.add_argument("--max-queued", type=positive_int, default=256,
                        help="waiting requests beyond this are answered 503 with Retry-After")
     serve.add_argument("--max-num-seqs", type=positive_int, default=64, help="requests in one running batch")
@@ -260,17 +264,37 @@ def model_options(args: argparse.Namespace) -> dict:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", "-n", type=int, default=256)
-    parser.add_argument("--temperature", "-t", type=float, default=0.7)
-    parser.add_argument("--top-k", type=int, default=40)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--presence-penalty", type=float, default=0.0)
-    parser.add_argument("--frequency-penalty", type=float, default=0.0)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    model = "default: the model's generation_config.json, else llama.cpp's"
+    parser.add_argument("--max-new-tokens", "-n", type=int, default=256, help="tokens to generate at most "
+                                                                              "(default: 256)")
+    parser.add_argument("--temperature", "-t", type=float, help=f"0 is greedy ({model} 0.8)")
+    parser.add_argument("--top-k", type=int, help=f"0 is off ({model} 40)")
+    parser.add_argument("--top-p", type=float, help=f"1 is off ({model} 0.95)")
+    parser.add_argument("--min-p", type=float, help=f"0 is off ({model} 0.05)")
+    parser.add_argument("--repetition-penalty", type=float, help="1 is off (default: the model's, else 1)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="(default: 0)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="(default: 0)")
+    parser.add_argument("--stop", action="append", default=[], type=unescape,
+                        help="stop string (repeatable; escapes as in llama.cpp: --stop '\\n\\n')")
     parser.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     parser.add_argument("--greedy", action="store_true", help="always take the most likely token")
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes in a command-line string, as llama.cpp reads them (\\n, \\t, \\r, \\\\, quotes);
+    any other backslash stays as written."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -280,16 +304,25 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt text ('-' reads standard input)")
 
 
-def sampling_params(args: argparse.Namespace):
-    """The SamplingParams that add_sampling_arguments describe (validated: a bad value is a one-line error)."""
+def sampling_params(args: argparse.Namespace, model_defaults: dict | None = None):
+    """The SamplingParams that add_sampling_arguments describe (validated: a bad value is a one-line error).
+    What the command line leaves out comes from the model's sampling defaults, else llama.cpp's."""
+    from llminfer.engine.generation_config import cli_defaults
     from llminfer.engine.sampling_params import SamplingParams
 
-    return SamplingParams(
-        max_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, stop=args.stop,
-        seed=args.seed,
-    )
+    if args.max_new_tokens < 1:  # 0 scores a prompt in the API; generating nothing is no use here
+        from llminfer.errors import InvalidSamplingParamsError
+
+        raise InvalidSamplingParamsError(f"invalid sampling parameter max_tokens={args.max_new_tokens}: expected an "
+                                         "integer >= 1", field="max_tokens")
+    defaults = cli_defaults(model_defaults or {})
+    chosen = {name: getattr(args, name) if getattr(args, name) is not None else defaults.get(name)
+              for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
+    chosen = {name: value for name, value in chosen.items() if value is not None}
+    if args.greedy:
+        chosen["temperature"] = 0.0
+    return SamplingParams(max_tokens=args.max_new_tokens, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, stop=args.stop, seed=args.seed, **chosen)
 
 
 def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -58,7 +59,7 @@ def serve_command(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
         return 0  # not reached: the follower exits inside LLM()
     api_key = args.api_key or os.environ.get("LLMINFER_API_KEY") or None
-    config = ServerConfig(model_name=args.served_model_name or args.model, api_key=api_key,
+    config = ServerConfig(model_name=args.served_model_name or served_name(args.model), api_key=api_key,
                           max_queued=args.max_queued, max_body_bytes=args.max_body_size, max_n=args.max_n)
     state = ServerState(config)
     server = DrainingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
@@ -75,6 +76,12 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def served_name(model: str) -> str:
+    """The model id a server announces: an alias or hub id as given, a local file or folder by its name."""
+    path = Path(model)
+    return path.resolve().name if path.exists() else model
+
+
 def _load_model(args: argparse.Namespace, state: ServerState, server: DrainingServer) -> None:
     from llminfer.cli.main import model_options
     from llminfer.engine import LLM
@@ -89,7 +96,11 @@ def _load_model(args: argparse.Namespace, state: ServerState, server: DrainingSe
         state.load_error = f"{type(exc).__name__}: {exc}" if args.debug else str(exc)
         server.should_exit = True
         return
-    state.attach(AsyncEngine(llm.engine), llm.tokenizer)
+    defaults = llm.sampling_defaults if args.generation_config == "auto" else {}
+    if defaults:
+        logger.info("sampling defaults from the model's generation config: %s",
+                    ", ".join(f"{k}={v:g}" for k, v in defaults.items()))
+    state.attach(AsyncEngine(llm.engine), llm.tokenizer, defaults)
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("ready: serving '%s' on http://%s:%d (chat page at /, OpenAI API at /v1)",
                 state.config.model_name, host, args.port)

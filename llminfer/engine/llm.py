@@ -56,6 +56,7 @@ class LLM:
         self.model_name = model
         self.checkpoint_format = checkpoint.format
         self.model_config = checkpoint.config
+        self.sampling_defaults = checkpoint.sampling_defaults()  # the model's own (generation_config.json)
         rank, world = _parallel_rank(tensor_parallel_size, device)
         torch.set_num_threads(self.config.cpu_threads(_local_processes(world)))
         self.tensor_parallel_size = world

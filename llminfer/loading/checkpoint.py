@@ -45,6 +45,10 @@ class Checkpoint(ABC):
         """How the checkpoint's linear layers are quantized (None: float weights)."""
         return None
 
+    def sampling_defaults(self) -> dict[str, float | int]:
+        """The model's own sampling defaults (SamplingParams fields), if its files carry any."""
+        return {}
+
     def check_compatible(self, config: ModelConfig) -> None:
         mine = self.config
         for field in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -49,7 +49,7 @@ def convert_checkpoint(source: str, destination: str | Path, dtype: str = "bfloa
         tensors = ((name, tensor.to(DTYPES[dtype])) for name, tensor in checkpoint.named_tensors()
                    if not (name == "lm_head.weight" and config.tie_word_embeddings))
         shards = write_shards(tensors, staging, max_shard_bytes, checkpoint.name)
-        write_model_files(staging, config, tokenizer)
+        write_model_files(staging, config, tokenizer, checkpoint.sampling_defaults())
         write_manifest(staging, {"source": source, "source_format": checkpoint.format, "dtype": dtype,
                                  "num_tensors": len(shards)})
     return destination
@@ -79,10 +79,14 @@ def staged_folder(destination: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_model_files(folder: Path, config, tokenizer) -> None:
-    """Our config, its Hugging Face equivalent, and the tokenizer files."""
+def write_model_files(folder: Path, config, tokenizer, sampling_defaults: dict | None = None) -> None:
+    """Our config, its Hugging Face equivalent, the tokenizer files, and the model's sampling defaults."""
+    from llminfer.engine.generation_config import as_generation_config
+
     (folder / OUR_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
     (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    if sampling_defaults:
+        (folder / "generation_config.json").write_text(json.dumps(as_generation_config(sampling_defaults), indent=2))
     if tokenizer is not None:
         tokenizer.save(folder)
 

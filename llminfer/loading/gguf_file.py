@@ -184,6 +184,11 @@ class GGUFCheckpoint(Checkpoint):
         except (ValueError, IndexError) as exc:
             raise ModelFormatError(f"{self.path}: tensor '{tensor.name}' is truncated or corrupt ({exc})") from None
 
+    def sampling_defaults(self) -> dict[str, float | int]:
+        from llminfer.engine.generation_config import from_gguf_metadata
+
+        return from_gguf_metadata(self.metadata, self.name)
+
     def tokenizer(self) -> "Tokenizer":
         from llminfer.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
 

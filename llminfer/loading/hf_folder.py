@@ -64,6 +64,11 @@ class HFFolderCheckpoint(Checkpoint):
             config = replace(config, eos_token_id=tuple(dict.fromkeys([*config.eos_token_id, *extra])))
         return config
 
+    def sampling_defaults(self) -> dict[str, float | int]:
+        from llminfer.engine.generation_config import read_generation_config
+
+        return read_generation_config(self.path)
+
     def _weight_files(self) -> list[Path]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.path / index_name

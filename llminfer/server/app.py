@@ -67,9 +67,16 @@ class ServerState:
     draining: bool = False
     active_http_requests: int = 0
     load_error: str | None = None
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)  # for fields a request leaves out
+    page_defaults: dict[str, float | int] = field(default_factory=dict)  # what the chat page starts from
 
-    def attach(self, engine: AsyncEngine, tokenizer: Tokenizer | None) -> None:
+    def attach(self, engine: AsyncEngine, tokenizer: Tokenizer | None,
+               sampling_defaults: dict[str, float | int] | None = None) -> None:
+        from llminfer.engine.generation_config import cli_defaults
+
         self.tokenizer, self.max_model_len = tokenizer, engine.engine.max_model_len
+        self.sampling_defaults = dict(sampling_defaults or {})
+        self.page_defaults = cli_defaults(self.sampling_defaults)
         engine.start()
         self.engine = engine
 
@@ -104,7 +111,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": now(),
-                                            "owned_by": "llminfer", "max_model_len": state.max_model_len or None}]}
+                                            "owned_by": "llminfer", "max_model_len": state.max_model_len or None,
+                                            "sampling_defaults": state.page_defaults or None}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> HTMLResponse:
@@ -332,7 +340,7 @@ def _sampling_params(state: ServerState, body: Any, prompts: list[list[int]], ma
     structured_param = None
     try:
         structured_param = body.structured_output()[1]
-        params = body.sampling_params(max_tokens, logprobs, **extra)
+        params = body.sampling_params(max_tokens, logprobs, defaults=state.sampling_defaults, **extra)
         for ids in prompts:
             if not ids:
                 raise APIError(400, "invalid 'prompt': prompt is empty (no tokens)", param="prompt")

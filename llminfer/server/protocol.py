@@ -99,12 +99,20 @@ class _SamplingRequest(_Strict):
             raise ValueError("stop strings must not be empty")
         return stops
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, **extra: Any) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, defaults: dict[str, Any] | None = None,
+                        **extra: Any) -> SamplingParams:
+        """defaults: the model's sampling defaults, for the fields this request left out (--generation-config)."""
+        def chosen(name: str) -> Any:
+            if defaults and name in defaults and name not in self.model_fields_set:
+                return defaults[name]
+            return getattr(self, name)
+
         return SamplingParams(
-            max_tokens=max_tokens, n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, stop=self.stop, seed=self.seed, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, **{"structured": self.structured_output()[0], **extra})
+            max_tokens=max_tokens, n=self.n, temperature=chosen("temperature"), top_p=chosen("top_p"),
+            top_k=chosen("top_k"), min_p=chosen("min_p"), stop=self.stop, seed=self.seed,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=chosen("repetition_penalty"), ignore_eos=self.ignore_eos, logprobs=logprobs,
+            **{"structured": self.structured_output()[0], **extra})
 
     def structured_output(self) -> tuple[StructuredOutput | None, str | None]:
         """The one constraint the request asks for, and the field that asked (errors name it); two at once is
