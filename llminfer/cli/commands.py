@@ -120,7 +120,7 @@ def _info_ops(device: str) -> int:
 
 
 def _sampling_summary(model_defaults: dict) -> str:
-    from llminfer.engine.generation_config import cli_defaults
+    from llminfer.loading.sampling_defaults import cli_defaults
 
     values = ", ".join(f"{name} {value:g}" for name, value in cli_defaults(model_defaults).items())
     if model_defaults:

@@ -307,8 +307,8 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
 def sampling_params(args: argparse.Namespace, model_defaults: dict | None = None):
     """The SamplingParams that add_sampling_arguments describe (validated: a bad value is a one-line error).
     What the command line leaves out comes from the model's sampling defaults, else llama.cpp's."""
-    from llminfer.engine.generation_config import cli_defaults
     from llminfer.engine.sampling_params import SamplingParams
+    from llminfer.loading.sampling_defaults import cli_defaults
 
     if args.max_new_tokens < 1:  # 0 scores a prompt in the API; generating nothing is no use here
         from llminfer.errors import InvalidSamplingParamsError

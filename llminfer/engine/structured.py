@@ -20,11 +20,15 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from llminfer.errors import InvalidSamplingParamsError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where masks are made, not here: SamplingParams (and so the torch-free lite runtime) imports
+# StructuredOutput from this module.
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +219,9 @@ class MaskWorker:
             return None
         return self._pool.submit(self._compute, rows, len(matchers))
 
-    def _compute(self, rows: list[tuple[int, GrammarMatcher]], batch: int) -> tuple[list[int], torch.Tensor]:
+    def _compute(self, rows: list[tuple[int, GrammarMatcher]], batch: int) -> tuple[list[int], "torch.Tensor"]:
+        import torch
+
         started = time.perf_counter()
         llguidance = _llguidance()
         if self._executor is None:
@@ -228,7 +234,7 @@ class MaskWorker:
         self.masks += len(rows)
         return [i for i, _ in rows], allowed
 
-    def finish(self, pending: Future | None) -> tuple[list[int], torch.Tensor] | None:
+    def finish(self, pending: Future | None) -> tuple[list[int], "torch.Tensor"] | None:
         """Wait for the masks begun by start(): (the rows, their [R, V] allowed-token table)."""
         if pending is None:
             return None
@@ -238,9 +244,9 @@ class MaskWorker:
         return result
 
 
-_BIT = torch.arange(32, dtype=torch.int32)
-
-
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def unpack_bitmask(bitmask: "torch.Tensor", vocab_size: int) -> "torch.Tensor":
     """[R, ceil(V/32)] int32 words (bit b of word w is token 32w + b) -> [R, V] bool."""
-    return ((bitmask[:, :, None] >> _BIT) & 1).bool().flatten(1)[:, :vocab_size]
+    import torch
+
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab_size]

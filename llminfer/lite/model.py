@@ -19,6 +19,7 @@ import numpy as np
 from llminfer.engine.sampling_params import SamplingParams
 from llminfer.errors import (
     InvalidPromptError,
+    InvalidSamplingParamsError,
     ModelFormatError,
     ModelNotFoundError,
     PromptTooLongError,
@@ -190,6 +191,12 @@ class LiteModel:
         params = params or self.default_params()
         if params.n != 1:
             raise InvalidPromptError("the lite runtime generates one sample per prompt (n=1)")
+        for name in ("structured", "prompt_logprobs"):  # refused, never ignored
+            if getattr(params, name) is not None:
+                raise InvalidSamplingParamsError(f"the lite runtime does not support {name}; use the engine "
+                                                 "(llminfer.LLM or llminfer serve)", field=name)
+        if params.max_tokens < 1:
+            raise InvalidSamplingParamsError("the lite runtime needs max_tokens >= 1", field="max_tokens")
         prompt_ids = self.encode(prompt)
         if len(prompt_ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens; the model's context is "

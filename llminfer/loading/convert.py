@@ -81,7 +81,7 @@ def staged_folder(destination: Path, overwrite: bool = False) -> Iterator[Path]:
 
 def write_model_files(folder: Path, config, tokenizer, sampling_defaults: dict | None = None) -> None:
     """Our config, its Hugging Face equivalent, the tokenizer files, and the model's sampling defaults."""
-    from llminfer.engine.generation_config import as_generation_config
+    from llminfer.loading.sampling_defaults import as_generation_config
 
     (folder / OUR_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
     (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))

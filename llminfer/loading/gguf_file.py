@@ -185,7 +185,7 @@ class GGUFCheckpoint(Checkpoint):
             raise ModelFormatError(f"{self.path}: tensor '{tensor.name}' is truncated or corrupt ({exc})") from None
 
     def sampling_defaults(self) -> dict[str, float | int]:
-        from llminfer.engine.generation_config import from_gguf_metadata
+        from llminfer.loading.sampling_defaults import from_gguf_metadata
 
         return from_gguf_metadata(self.metadata, self.name)
 

@@ -65,7 +65,7 @@ class HFFolderCheckpoint(Checkpoint):
         return config
 
     def sampling_defaults(self) -> dict[str, float | int]:
-        from llminfer.engine.generation_config import read_generation_config
+        from llminfer.loading.sampling_defaults import read_generation_config
 
         return read_generation_config(self.path)
 

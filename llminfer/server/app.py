@@ -72,7 +72,7 @@ class ServerState:
 
     def attach(self, engine: AsyncEngine, tokenizer: Tokenizer | None,
                sampling_defaults: dict[str, float | int] | None = None) -> None:
-        from llminfer.engine.generation_config import cli_defaults
+        from llminfer.loading.sampling_defaults import cli_defaults
 
         self.tokenizer, self.max_model_len = tokenizer, engine.engine.max_model_len
         self.sampling_defaults = dict(sampling_defaults or {})

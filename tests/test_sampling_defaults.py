@@ -11,8 +11,8 @@ import pytest
 
 from llminfer.cli.main import add_sampling_arguments, sampling_params, unescape
 from llminfer.cli.serve import served_name
-from llminfer.engine.generation_config import LLAMA_CPP_DEFAULTS, from_generation_config, from_gguf_metadata
 from llminfer.errors import ConfigError
+from llminfer.loading.sampling_defaults import LLAMA_CPP_DEFAULTS, from_generation_config, from_gguf_metadata
 from llminfer.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
