@@ -45,5 +45,18 @@ class RequestFailedError(LLMInferError, RuntimeError):
 NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or inf) for this request"
 
 
+class MissingDependencyError(LLMInferError, ImportError):
+    """An optional feature whose packages are not installed; the message says what to install."""
+
+
+def require_modules(feature: str, modules: list[str], install: str) -> None:
+    """Refuse a feature whose optional packages are missing, in one line that says how to install them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"{feature} needs {', '.join(missing)}, which is not installed: {install}")
+
+
 class TokenizerError(LLMInferError, ValueError):
     """A tokenizer that cannot be built, or a chat template that cannot be rendered."""

@@ -54,6 +54,8 @@ def test_convert_then_generate_from_the_converted_folder(tiny_llama_folder, tmp_
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["source_format"] == "hf-safetensors"
     info = run_cli("info", str(tmp_path / "out"))
     assert "format             llminfer" in info.stdout
+    files = [f for f in (tmp_path / "out").iterdir() if f.is_file()]
+    assert f": {len(files)} files, " in result.stdout  # every file it wrote, manifest included
 
 
 @pytest.mark.parametrize("args,fragments", [
@@ -62,6 +64,8 @@ def test_convert_then_generate_from_the_converted_folder(tiny_llama_folder, tmp_
     (["generate", "--top-p", "1.5", "hi"], ["top_p=1.5", "(0, 1]"]),
     (["generate", "--max-new-tokens", "0", "hi"], ["max_tokens=0", ">= 1"]),
     (["info", "no-such-alias"], ["no-such-alias", "not found"]),
+    # the default model splits by 3: said once, by the launcher, before any rank starts
+    (["generate", "--tp", "2", "hi"], ["tensor parallel size 2 does not divide", "valid sizes: 1, 3"]),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, fragments):
     assert_one_line_error(run_cli(*args), *fragments)
@@ -254,3 +258,51 @@ def test_bench_throughput_prints_the_perplexity_delta_of_its_configuration(tiny_
 
 def test_bad_kv_cache_memory_is_named():
     assert_one_line_error(run_cli("generate", "--kv-cache-memory", "lots", "hi"), "kv_cache_memory 'lots'")
+
+
+@pytest.mark.parametrize("argv, module, install", [
+    (["export", "smollm2-135m", "-o", "unused"], "onnxscript", "pip install 'llminfer[export]'"),
+])
+def test_a_missing_optional_package_is_one_line_saying_what_to_install(monkeypatch, capsys, argv, module, install):
+    import importlib.util
+
+    from llminfer.cli.main import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and module in error and install in error
+
+
+def test_lite_without_onnxruntime_says_what_to_install(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from llminfer.cli.lite import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert main(["generate", "--model", str(tmp_path), "hi"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "onnxruntime" in error and "pip install onnxruntime" in error
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_what_was_generated(capsys):
+    from llminfer.cli.commands import _stream
+    from llminfer.engine.outputs import CompletionOutput, RequestOutput
+
+    closed = []
+
+    class Interrupted:
+        def stream(self, prompt, params):
+            try:
+                for piece in ("Paris ", "is "):
+                    yield RequestOutput("0", None, [], [CompletionOutput(0, piece, [], None, piece)], False)
+                raise KeyboardInterrupt
+            finally:
+                closed.append(True)
+
+    assert _stream(Interrupted(), "q", None, interruptible=True) == "Paris is "
+    assert closed and capsys.readouterr().out == "Paris is  [stopped]\n"
+    with pytest.raises(KeyboardInterrupt):  # generate: Ctrl-C still ends the program
+        _stream(Interrupted(), "q", None)

@@ -18,16 +18,25 @@ def _load(args: argparse.Namespace) -> LLM:
     return LLM(args.model, **options)
 
 
-def _stream(llm: LLM, prompt, params: SamplingParams) -> str:
+def _stream(llm: LLM, prompt, params: SamplingParams, interruptible: bool = False) -> str:
+    """Print the reply as it streams; return its text. interruptible: Ctrl-C stops this reply (its request is
+    aborted and what was generated is kept) instead of the program."""
     text = []
-    for output in llm.stream(prompt, params):
-        if output.delta:
-            sys.stdout.write(output.delta)
-            sys.stdout.flush()
-            text.append(output.delta)
-        if output.error is not None:
-            sys.stdout.write("\n")
-            raise RequestFailedError(output.error)
+    stream = llm.stream(prompt, params)
+    try:
+        for output in stream:
+            if output.delta:
+                sys.stdout.write(output.delta)
+                sys.stdout.flush()
+                text.append(output.delta)
+            if output.error is not None:
+                sys.stdout.write("\n")
+                raise RequestFailedError(output.error)
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        stream.close()  # aborts the request
+        sys.stdout.write(" [stopped]")
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(text)
@@ -65,7 +74,7 @@ def chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line.rstrip("\n")})
-        reply = _stream(llm, llm.chat_prompt(system + history), params)
+        reply = _stream(llm, llm.chat_prompt(system + history), params, interruptible=True)
         history.append({"role": "assistant", "content": reply})
 
 
@@ -150,11 +159,16 @@ def convert(args: argparse.Namespace) -> int:
 
     destination = convert_checkpoint(args.source, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                                      overwrite=args.overwrite)
-    print(f"converted {args.source} -> {destination} ({args.dtype})")
+    files = [f for f in destination.iterdir() if f.is_file()]
+    print(f"converted {args.source} -> {destination} ({args.dtype}): {len(files)} files, "
+          f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB")
     return 0
 
 
 def export(args: argparse.Namespace) -> int:
+    from llminfer.errors import require_modules
+
+    require_modules("llminfer export", ["onnx", "onnxscript", "onnxruntime"], "pip install 'llminfer[export]'")
     from llminfer.export.onnx import export_onnx
 
     destination = export_onnx(args.source, args.output, dtype=args.dtype, opset=args.opset,

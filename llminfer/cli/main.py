@@ -30,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compare-with / --compare measure several engines in one run: run each model with "
                      "--tensor-parallel-size on its own")
     if getattr(args, "tensor_parallel_size", 1) > 1 and "WORLD_SIZE" not in os.environ:
-        from llminfer.parallel.launch import launch
+        from llminfer.parallel.launch import check_launchable, launch
 
-        return launch(argv, args.tensor_parallel_size)
+        # A size the model cannot be split by is one line from here, not one line from each rank.
+        checked = run_handler(argparse.Namespace(handler=lambda _: check_launchable(args), debug=args.debug),
+                              "llminfer")
+        return checked or launch(argv, args.tensor_parallel_size)
     return run_handler(args, "llminfer")
 
 

@@ -24,6 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_launchable(args) -> int:
+    """Before any rank starts: the model must split by the requested size (the check each rank would make)."""
+    if getattr(args, "model", None) is None:
+        return 0
+    from llminfer.loading import open_checkpoint
+    from llminfer.model.auto import load_time_quantization
+    from llminfer.parallel.sharding import check_tp_size
+
+    checkpoint = open_checkpoint(args.model)
+    check_tp_size(checkpoint.config, args.tensor_parallel_size, args.model,
+                  load_time_quantization(checkpoint, getattr(args, "quantization", None)))
+    return 0
+
+
 def launch(argv: list[str], world_size: int) -> int:
     port = str(free_port())
     children: list[subprocess.Popen] = []

@@ -27,6 +27,10 @@ from llminfer.quantization.config import PTQConfig, QuantizationConfig
 from llminfer.quantization.layers import QUANTIZED_LAYERS
 from llminfer.quantization.methods import int8_lm_head_config
 
+# Calibration and GPTQ take minutes: the bars are shown even when stderr is not a terminal (a log then gets a line
+# every 10 s instead of a redrawn bar).
+_PROGRESS = {"file": sys.stderr, "disable": False, "mininterval": 0.1 if sys.stderr.isatty() else 10.0}
+
 Calibration = str | Sequence[str] | Sequence[Sequence[int]] | None
 
 
@@ -61,7 +65,7 @@ class PostTrainingQuantizer:
         for name, linear in targets:
             if qconfig.group_size:
                 Q.check_group_size(linear.in_features, qconfig.group_size, name)
-        for name, linear in tqdm(targets, desc="quantizing", unit="layer", file=sys.stderr, disable=None):
+        for name, linear in tqdm(targets, desc="quantizing", unit="layer", **_PROGRESS):
             with torch.no_grad():
                 layer = layer_class.from_float(linear, qconfig, **self._layer_state(name, linear, qconfig))
             replace_module(model, name, layer)
@@ -84,7 +88,7 @@ class PostTrainingQuantizer:
                  for name, module in target_linears(model, qconfig)]
         try:
             windows = self.calibration.windows
-            for window in tqdm(windows, desc="calibrating", unit="win", file=sys.stderr, disable=None):
+            for window in tqdm(windows, desc="calibrating", unit="win", **_PROGRESS):
                 model.sequence_logits(window)  # one whole-window pass, no KV cache: the hooks see every input
         finally:
             for hook in hooks:
