@@ -50,7 +50,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from llminfer.errors import require_modules
 
-    require_modules("llminfer-lite", ["onnxruntime"], "pip install onnxruntime (or pip install -r requirements-lite.txt)")
+    require_modules("llminfer-lite", ["onnxruntime"],
+                    "pip install onnxruntime (or pip install -r requirements-lite.txt)")
     from llminfer.lite.model import LiteModel
 
     print(f"llminfer-lite: loading {args.model} ...", file=sys.stderr, flush=True)
