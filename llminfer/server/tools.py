@@ -54,7 +54,9 @@ def call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
 def call_grammar(tools: list[dict[str, Any]], parallel: bool) -> StructuredOutput:
     """A grammar (llguidance Lark) for one call block, or several with parallel_tool_calls."""
     call = f'"<tool_call>\\n" %json {json.dumps(call_schema(tools))} "\\n</tool_call>"'
-    start = "start: call (\"\\n\" call)*" if parallel else "start: call"
+    # A newline may follow the last call: models write one after </tool_call> before they end the turn, and
+    # without it that newline could only open another call.
+    start = "start: call (\"\\n\" call)* \"\\n\"?" if parallel else "start: call \"\\n\"?"
     return StructuredOutput(grammar=f"{start}\ncall: {call}\n")
 
 
