@@ -122,3 +122,28 @@ def test_batches_above_the_graph_size_limit_run_eagerly(tiny_llama_folder):
     assert 3 not in graphs.graphs and graphs.replays == 0  # every decode step had 3 sequences
     with pytest.raises(Exception, match="max_graph_batch_size must be an integer >= 1, got 0"):
         EngineConfig(max_graph_batch_size=0)
+
+
+def test_warm_up_records_every_batch_size_and_changes_no_output(tiny_llama_folder):
+    """A server records its decode graphs before it takes requests: the dummy steps leave nothing behind that a
+    request could read, so what it generates afterwards is what an engine without warm-up generates."""
+    from llminfer.config import EngineConfig
+    from llminfer.engine.llm_engine import LLMEngine
+    from llminfer.model.auto import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_llama_folder)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def run(warm: bool) -> list[list[int]]:
+        engine = LLMEngine(model, None, EngineConfig(max_graph_batch_size=4, max_num_seqs=3, block_size=16))
+        if warm:
+            engine.warm_up()
+            assert sorted(engine.runner.step_graphs.graphs) == [1, 2, 3]  # up to max_num_seqs
+            replays_before = engine.runner.step_graphs.replays
+        requests = [engine.add_request(p, greedy) for p in PROMPTS]
+        engine.run_to_completion()
+        if warm:
+            assert engine.runner.step_graphs.replays > replays_before
+        return [r.output_token_ids for r in requests]
+
+    assert run(warm=True) == run(warm=False)

@@ -96,6 +96,7 @@ def _load_model(args: argparse.Namespace, state: ServerState, server: DrainingSe
         state.load_error = f"{type(exc).__name__}: {exc}" if args.debug else str(exc)
         server.should_exit = True
         return
+    llm.engine.warm_up()  # /health stays 503 meanwhile: no request pays for a graph recording
     defaults = llm.sampling_defaults if args.generation_config == "auto" else {}
     if defaults:
         logger.info("sampling defaults from the model's generation config: %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import replace
 from typing import Sequence
 
@@ -62,6 +63,16 @@ class LLMEngine:
             logger.info("decode steps run eagerly: %s", reason)
             return None
         return DecodeGraphs(self.model, self.cache, backend, self.max_model_len, self.config.max_graph_batch_size)
+
+    def warm_up(self) -> None:
+        """Record the decode-step graphs of every batch size now rather than at their first use (2 s each on a
+        small CPU); for servers, before they take requests. No-op when steps run eagerly."""
+        graphs = self.runner.step_graphs
+        if graphs is None or self.has_unfinished_requests():
+            return
+        started = time.perf_counter()
+        count = graphs.record_all(self.config.max_num_seqs)
+        logger.info("recorded %d decode-step graphs in %.1f s", count, time.perf_counter() - started)
 
     def _num_kv_blocks(self) -> int:
         config = self.config

@@ -100,6 +100,23 @@ class DecodeGraphs:
         self.replays += 1
         return decode.logits
 
+    def record_all(self, max_batch_size: int) -> int:
+        """Record the decode step of every batch size up to max_batch_size now (a server does this before it
+        reports ready, so no request waits for a recording). The dummy steps write into KV block 0 only, which
+        no request holds yet. Returns how many were recorded."""
+        from llminfer.engine.model_runner import StepInputs
+
+        recorded = 0
+        for n in range(1, min(max_batch_size, self.max_batch_size) + 1):
+            if n in self.graphs:
+                continue
+            slots = [i % self.cache.block_size for i in range(n)]
+            step = StepInputs([0] * n, [0] * n, slots, list(range(n + 1)), [1] * n, [[0]] * n, [], False)
+            with torch.inference_mode():
+                self._record(n, step)
+            recorded += self.graphs.get(n) is not None
+        return recorded
+
     def _record(self, batch_size: int, step: StepInputs) -> torch.Tensor | None:
         decode = _DecodeGraph(batch_size, self.max_blocks, self.model.device)
         decode.fill(step, self.cache.block_size)
