@@ -59,7 +59,8 @@ def serve_command(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching)
         return 0  # not reached: the follower exits inside LLM()
     api_key = args.api_key or os.environ.get("LLMINFER_API_KEY") or None
-    config = ServerConfig(model_name=args.served_model_name or served_name(args.model), api_key=api_key,
+    config = ServerConfig(model_name=args.served_model_name or served_name(args.model),
+                          model_aliases=() if args.served_model_name else (args.model,), api_key=api_key,
                           max_queued=args.max_queued, max_body_bytes=args.max_body_size, max_n=args.max_n)
     state = ServerState(config)
     server = DrainingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ServerConfig:
     model_name: str = "llminfer"  # what /v1/models lists and requests must name
+    model_aliases: tuple[str, ...] = ()  # other names requests may use (the --model path as given)
     api_key: str | None = None
     max_queued: int = 256  # waiting requests beyond this get 503
     max_body_bytes: int = 4 * 2**20
@@ -315,7 +316,7 @@ def _tokenizer(state: ServerState) -> Tokenizer:
 
 
 def _check_model(model: str | None, config: ServerConfig) -> None:
-    if model is not None and model != config.model_name:
+    if model is not None and model != config.model_name and model not in config.model_aliases:
         raise APIError(404, f"model '{model}' does not exist; this server serves '{config.model_name}'",
                        param="model", code="model_not_found")
 
