@@ -168,15 +168,15 @@ def test_random_extreme_requests_are_refused_by_name_or_run_without_disturbing_t
 def test_llm_recovers_after_a_failed_step(tiny_llm, alone, monkeypatch):
     runner = tiny_llm.engine.runner
     calls = {"n": 0}
-    real = runner.compute_logits
+    real = runner.execute  # the forward pass of a step
 
-    def fails_once(batch, *args, **kwargs):
+    def fails_once(step, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated device fault")
-        return real(batch, *args, **kwargs)
+        return real(step, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "compute_logits", fails_once)
+    monkeypatch.setattr(runner, "execute", fails_once)
     with pytest.raises(RuntimeError, match="simulated device fault"):
         tiny_llm.generate(NORMAL_PROMPTS, NORMAL)
     assert not tiny_llm.engine.has_unfinished_requests() and tiny_llm.kv_cache_stats().used_blocks == 0

@@ -46,8 +46,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        _check(_integer(self.max_tokens) and self.max_tokens >= 0, "max_tokens", self.max_tokens, "an integer >= 0")
+        _check(_integer(self.max_tokens) and self.max_tokens >= 0, "max_tokens", self.max_tokens, "an integer >= 1")
         _check(self.max_tokens != 0 or self.n == 1, "n", self.n, "1 when max_tokens is 0 (nothing is sampled)")
+        _check(self.max_tokens != 0 or self.prompt_logprobs is not None, "max_tokens", self.max_tokens,
+               "an integer >= 1 (0 only to score the prompt, with prompt_logprobs)")
         _check(_integer(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
         _check(_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
                "a finite number >= 0 (0 means greedy)")

@@ -170,6 +170,8 @@ def create_app(state: ServerState) -> FastAPI:
                                 "prompt)", param="max_tokens")
         # echo with logprobs scores the prompt: every prompt token's logprob, as evaluation harnesses read it
         prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        if max_tokens == 0 and prompt_logprobs is None:  # echo alone: the engine still computes the prompt
+            prompt_logprobs = 0
         params = _sampling_params(state, body, prompts, max_tokens, body.logprobs, prompt_logprobs=prompt_logprobs)
         call = _Call(engine, state, new_id("cmpl"), prompts, params, body.model or config.model_name,
                      echo=body.echo)
@@ -451,6 +453,8 @@ class _Call:
         for prompt_index in sorted(finals):
             output = finals[prompt_index]
             prompt_text, prompt_logprobs = self._echoed(output) if self.echo else ("", None)
+            if self.params.logprobs is None:  # scored only because nothing is generated: not asked for
+                prompt_logprobs = None
             for c in output.outputs:
                 logprobs = None
                 if c.logprobs is not None or prompt_logprobs is not None:
