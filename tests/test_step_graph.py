@@ -124,21 +124,19 @@ def test_batches_above_the_graph_size_limit_run_eagerly(tiny_llama_folder):
         EngineConfig(max_graph_batch_size=0)
 
 
-def test_warm_up_records_every_batch_size_and_changes_no_output(tiny_llama_folder):
+@pytest.mark.parametrize("quantization", [None, "a16w4"])
+def test_warm_up_records_every_batch_size_and_changes_no_output(tiny_llama_folder, quantization):
     """A server records its decode graphs before it takes requests: the dummy steps leave nothing behind that a
     request could read, so what it generates afterwards is what an engine without warm-up generates."""
-    from llminfer.config import EngineConfig
-    from llminfer.engine.llm_engine import LLMEngine
-    from llminfer.model.auto import AutoModel
-
-    model = AutoModel.from_pretrained(tiny_llama_folder)
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     def run(warm: bool) -> list[list[int]]:
-        engine = LLMEngine(model, None, EngineConfig(max_graph_batch_size=4, max_num_seqs=3, block_size=16))
+        llm = LLM(str(tiny_llama_folder), quantization=quantization, max_num_seqs=3, kv_cache_memory="4MiB")
+        engine = llm.engine
         if warm:
             engine.warm_up()
-            assert sorted(engine.runner.step_graphs.graphs) == [1, 2, 3]  # up to max_num_seqs
+            graphs = engine.runner.step_graphs.graphs
+            assert sorted(graphs) == [1, 2, 3] and all(g is not None for g in graphs.values())  # not refused
             replays_before = engine.runner.step_graphs.replays
         requests = [engine.add_request(p, greedy) for p in PROMPTS]
         engine.run_to_completion()

@@ -102,20 +102,35 @@ class DecodeGraphs:
 
     def record_all(self, max_batch_size: int) -> int:
         """Record the decode step of every batch size up to max_batch_size now (a server does this before it
-        reports ready, so no request waits for a recording). The dummy steps write into KV block 0 only, which
+        reports ready, so no request waits for a recording). The dummy steps write into KV blocks 0..n-1, which
         no request holds yet. Returns how many were recorded."""
         from llminfer.engine.model_runner import StepInputs
 
         recorded = 0
-        for n in range(1, min(max_batch_size, self.max_batch_size) + 1):
+        warmed = False
+        for n in range(1, min(max_batch_size, self.max_batch_size, self.cache.num_blocks) + 1):
             if n in self.graphs:
                 continue
-            slots = [i % self.cache.block_size for i in range(n)]
-            step = StepInputs([0] * n, [0] * n, slots, list(range(n + 1)), [1] * n, [[0]] * n, [], False)
+            # sequence i in its own block i (a shared block would take the shared-prefix path, which a real
+            # batch of unrelated requests does not)
+            slots = [i * self.cache.block_size for i in range(n)]
+            step = StepInputs([0] * n, [0] * n, slots, list(range(n + 1)), [1] * n, [[i] for i in range(n)], [],
+                              False)
             with torch.inference_mode():
+                if not warmed:  # one eager pass first: layers that prepare themselves on first use do it now
+                    self._eager(step)
+                    warmed = True
                 self._record(n, step)
             recorded += self.graphs.get(n) is not None
         return recorded
+
+    def _eager(self, step: StepInputs) -> None:
+        device = self.model.device
+        metadata = AttentionMetadata(step.query_start_loc, step.context_lens, torch.tensor(step.slots, device=device),
+                                     torch.tensor(step.block_tables, device=device))
+        hidden = self.model(torch.tensor(step.input_ids, device=device), torch.tensor(step.positions, device=device),
+                            ForwardContext(self.backend, metadata))
+        self.model.compute_logits(hidden)
 
     def _record(self, batch_size: int, step: StepInputs) -> torch.Tensor | None:
         decode = _DecodeGraph(batch_size, self.max_blocks, self.model.device)
