@@ -294,14 +294,10 @@ def token_logprobs(logits: torch.Tensor, chosen: list[int],
     result: list[TokenLogprob | None] = [None] * len(rows)
     if not wanted:
         return result
-    logprobs = logits[wanted].float().log_softmax(dim=-1)
     widest = max(rows[i].params.logprobs for i in wanted)
-    top_values, top_ids = logprobs.topk(widest, dim=-1) if widest else (logprobs[:, :0], logprobs[:, :0].long())
-    chosen_values = logprobs.gather(1, torch.tensor([[chosen[i]] for i in wanted], device=logits.device))
-    for j, i in enumerate(wanted):
-        k = rows[i].params.logprobs
-        top = list(zip(top_ids[j, :k].tolist(), top_values[j, :k].tolist()))
-        result[i] = TokenLogprob(chosen[i], float(chosen_values[j, 0]), top)
+    for i, logprob in zip(wanted, scored_logprobs(logits[wanted], [chosen[i] for i in wanted], widest)):
+        logprob.top = logprob.top[:rows[i].params.logprobs]
+        result[i] = logprob
     return result
 
 

@@ -195,9 +195,6 @@ class GrammarMatcher:
     def error(self) -> str:
         return self.matcher.get_error()
 
-    def copy(self) -> "GrammarMatcher":
-        return GrammarMatcher(self.matcher.deep_copy())
-
 
 class MaskWorker:
     """Computes a batch's token masks on a thread while the model runs. Counts the time spent, so
@@ -217,9 +214,9 @@ class MaskWorker:
         rows = [(i, m) for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
-        return self._pool.submit(self._compute, rows, len(matchers))
+        return self._pool.submit(self._compute, rows)
 
-    def _compute(self, rows: list[tuple[int, GrammarMatcher]], batch: int) -> tuple[list[int], "torch.Tensor"]:
+    def _compute(self, rows: list[tuple[int, GrammarMatcher]]) -> tuple[list[int], "torch.Tensor"]:
         import torch
 
         started = time.perf_counter()

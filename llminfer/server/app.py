@@ -34,12 +34,13 @@ from llminfer.server.protocol import (
     DetokenizeRequest,
     LogprobFormatter,
     TokenizeRequest,
+    invalid_field,
     new_id,
     now,
     parse_body,
     usage,
 )
-from llminfer.server.tools import ToolCallStream, ToolPlan, plan_tool_use
+from llminfer.server.tools import ToolCallStream, ToolPlan, new_call_id, parse_tool_calls, plan_tool_use
 from llminfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -144,11 +145,7 @@ def create_app(state: ServerState) -> FastAPI:
         tokenizer = _tokenizer(state)
         body = parse_body(DetokenizeRequest, await _read_body(request, config.max_body_bytes))
         _check_model(body.model, config)
-        vocab = state.engine.engine.model.config.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"invalid 'tokens': token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                           param="tokens")
+        _check_token_ids(state, body.tokens, "tokens")
         return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.get("/tokenizer_info")
@@ -258,11 +255,15 @@ def _unavailable_reason(state: ServerState) -> str:
     return f"engine failed: {state.engine.error}" if state.engine.error else "engine stopped"
 
 
-def _admit(state: ServerState) -> AsyncEngine:
-    """Readiness and overload, decided before the body is read or anything is tokenized."""
+def _check_ready(state: ServerState) -> None:
     if not state.ready:
         raise APIError(503, f"service unavailable: {_unavailable_reason(state)}", error_type="server_error",
                        headers={"Retry-After": str(state.config.retry_after_s)})
+
+
+def _admit(state: ServerState) -> AsyncEngine:
+    """Readiness and overload, decided before the body is read or anything is tokenized."""
+    _check_ready(state)
     engine = state.engine
     if engine.num_waiting >= state.config.max_queued:
         raise APIError(503, f"server overloaded: {engine.num_waiting} requests already waiting "
@@ -297,7 +298,7 @@ def _tool_plan(state: ServerState, body: ChatCompletionRequest, messages: list[d
                 grammars.compile(StructuredOutput(json=parameters))
             except InvalidSamplingParamsError as exc:
                 param = f"tools.{i}.function.parameters"
-                raise APIError(400, f"invalid '{param}': {str(exc).split(': ', 1)[-1]}", param=param) from None
+                raise APIError(400, invalid_field(param, exc), param=param) from None
     try:
         plan = plan_tool_use(messages, tools, choice, body.parallel_tool_calls, state.tokenizer.chat_template)
     except ValueError as exc:
@@ -309,9 +310,7 @@ def _tool_plan(state: ServerState, body: ChatCompletionRequest, messages: list[d
 
 
 def _tokenizer(state: ServerState) -> Tokenizer:
-    if not state.ready:
-        raise APIError(503, f"service unavailable: {_unavailable_reason(state)}", error_type="server_error",
-                       headers={"Retry-After": str(state.config.retry_after_s)})
+    _check_ready(state)
     if state.tokenizer is None:
         raise APIError(400, "this model has no tokenizer")
     return state.tokenizer
@@ -328,12 +327,16 @@ def _prompt_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
         if state.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
         return state.tokenizer.encode(prompt)
+    return _check_token_ids(state, prompt, "prompt")
+
+
+def _check_token_ids(state: ServerState, ids: list[int], param: str) -> list[int]:
     vocab = state.engine.engine.model.config.vocab_size
-    bad = [t for t in prompt if not 0 <= t < vocab]
+    bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
-        raise APIError(400, f"invalid 'prompt': token id {bad[0]} is outside the vocabulary [0, {vocab})",
-                       param="prompt")
-    return prompt
+        raise APIError(400, f"invalid '{param}': token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                       param=param)
+    return ids
 
 
 def _sampling_params(state: ServerState, body: Any, prompts: list[list[int]], max_tokens: int,
@@ -350,8 +353,7 @@ def _sampling_params(state: ServerState, body: Any, prompts: list[list[int]], ma
             state.engine.engine.check_request(ids, params)
     except InvalidSamplingParamsError as exc:
         if exc.field and exc.field.startswith("structured") and structured_param:  # name the request's field
-            reason = str(exc).split(": ", 1)[-1]
-            raise APIError(400, f"invalid '{structured_param}': {reason}", param=structured_param) from None
+            raise APIError(400, invalid_field(structured_param, exc), param=structured_param) from None
         raise APIError(400, str(exc), param=exc.field) from None
     except InvalidPromptError as exc:
         raise APIError(400, str(exc), param="max_tokens") from None
@@ -470,11 +472,11 @@ class _Call:
             message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
             finish_reason = c.finish_reason
             if self.tool_names:
-                content, calls = ToolCallStream(self.tool_names, incremental=False).feed(c.text, finished=True)
+                content, calls = parse_tool_calls(c.text, self.tool_names)
                 if calls:
                     message["content"] = content or None
-                    message["tool_calls"] = [{"id": d["id"], "type": "function", "function": d["function"]}
-                                             for d in calls]
+                    message["tool_calls"] = [{"id": new_call_id(), "type": "function", "function": {
+                        "name": call.name, "arguments": call.arguments}} for call in calls]
                     finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             choices.append({"index": c.index, "message": message, "finish_reason": finish_reason,
                             "logprobs": self.logprobs.chat(c.logprobs) if c.logprobs is not None else None})

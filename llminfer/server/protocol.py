@@ -145,7 +145,7 @@ class _SamplingRequest(_Strict):
         try:
             return StructuredOutput(**spec), param
         except InvalidSamplingParamsError as exc:
-            raise InvalidSamplingParamsError(f"invalid '{param}': {str(exc).split(': ', 1)[-1]}", field=param) from None
+            raise InvalidSamplingParamsError(invalid_field(param, exc), field=param) from None
 
     @property
     def include_usage(self) -> bool:
@@ -293,6 +293,11 @@ def parse_body(model: type[BaseModel], body: bytes) -> Any:
 
 
 # --- responses ------------------------------------------------------------------------------------
+
+def invalid_field(param: str, exc: Exception) -> str:
+    """An engine-side message ("invalid structured output json: <why>") renamed for the request's field."""
+    return f"invalid '{param}': {str(exc).split(': ', 1)[-1]}"
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"

@@ -138,7 +138,6 @@ def _arguments_text(body: str, arguments: dict[str, Any]) -> str:
 @dataclass
 class _StreamedCall:
     id: str
-    name: str | None = None
     sent: int = 0  # characters of the arguments already sent
 
 
@@ -175,8 +174,6 @@ class ToolCallStream:
             end = len(self.text)
         elif opened >= 0:
             end = len(self.text[:opened].rstrip())
-        elif finished:
-            end = len(self.text)
         else:  # hold back a tail that could still become a call block's opening, or layout before it
             tail = _longest_suffix_prefix(self.text, opener)
             end = len(self.text[:len(self.text) - tail].rstrip())
@@ -224,7 +221,7 @@ class ToolCallStream:
         return deltas
 
     def _whole(self, call: ParsedCall) -> dict[str, Any]:
-        self._calls.append(_StreamedCall(new_call_id(), call.name, len(call.arguments)))
+        self._calls.append(_StreamedCall(new_call_id(), len(call.arguments)))
         return {"index": len(self._calls) - 1, "id": self._calls[-1].id, "type": "function",
                 "function": {"name": call.name, "arguments": call.arguments}}
 
@@ -238,7 +235,7 @@ class ToolCallStream:
         deltas = []
         if len(self._calls) <= index:
             name = json.loads(body[:at].strip().removeprefix("{").strip().removesuffix(",").split(":", 1)[1])
-            self._calls.append(_StreamedCall(new_call_id(), name))
+            self._calls.append(_StreamedCall(new_call_id()))
             deltas.append({"index": index, "id": self._calls[index].id, "type": "function",
                            "function": {"name": name, "arguments": ""}})
         call = self._calls[index]
