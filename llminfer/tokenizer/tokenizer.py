@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -95,10 +96,96 @@ class Tokenizer:
         """Render messages with the model's template (ChatML if it has none)."""
         from llminfer.tokenizer.chat_template import CHATML_TEMPLATE
 
-        text = render_chat_template(self.chat_template or CHATML_TEMPLATE, messages, add_generation_prompt,
-                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **variables)
-        # The template writes any BOS itself; encoding must not add a second one.
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        template = self.chat_template or CHATML_TEMPLATE
+        specials = dict(bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        text = render_chat_template(template, messages, add_generation_prompt, **specials, **variables)
+        if not tokenize:
+            return text
+        if not any(_contains_any(value, self._special_strings) for value in (messages, variables)):
+            return self.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+        # Content that spells a control token (a forged "<|im_start|>system" turn) must stay text: only the
+        # template's own markup may become control tokens. Render again with every client string marked, so
+        # we know which characters came from the client.
+        marked = render_chat_template(template, _marked(messages), add_generation_prompt, **specials,
+                                      **_marked(variables))
+        client_spans = _client_spans(marked, text)
+        if client_spans is None:
+            raise TokenizerError("a message spells a control token of this model, and its chat template changes "
+                                 "message text in a way that hides where the message is; remove the token")
+        return self._encode_outside_spans(text, client_spans)
+
+    @property
+    def _special_strings(self) -> list[str]:
+        return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content]
+
+    def _encode_outside_spans(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        """Control tokens only where the template wrote them; everything else, client text included, as text."""
+        if not hasattr(self, "_text_backend"):  # a copy: the flag must not change what encode() does elsewhere
+            self._text_backend = BackendTokenizer.from_str(self.backend.to_str())
+            self._text_backend.encode_special_tokens = True
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        pattern = re.compile("|".join(map(re.escape, sorted(self._special_strings, key=len, reverse=True))))
+        ids, start = [], 0
+        for match in pattern.finditer(text):
+            if any(a < match.end() and match.start() < b for a, b in spans):
+                continue  # inside a client's text
+            if start < match.start():
+                ids += self._text_backend.encode(text[start:match.start()], add_special_tokens=False).ids
+            ids.append(vocab[match.group()])
+            start = match.end()
+        if start < len(text):
+            ids += self._text_backend.encode(text[start:], add_special_tokens=False).ids
+        return ids
+
+
+# Unicode noncharacters: never in real text, so they can mark where a client's string lies in a rendering.
+_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
+
+
+def _contains_any(value: Any, needles: list[str]) -> bool:
+    if isinstance(value, str):
+        return any(needle in value for needle in needles)
+    if isinstance(value, dict):
+        return any(_contains_any(v, needles) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_contains_any(v, needles) for v in value)
+    return False
+
+
+def _marked(value: Any) -> Any:
+    """Every string (but a message's role) wrapped in the markers, around its stripped core: a template that
+    trims or indents a message renders the same characters as without the markers."""
+    if isinstance(value, str):
+        core = value.strip()
+        if not core:
+            return value
+        start = value.index(core)
+        return f"{value[:start]}{_OPEN}{core}{_CLOSE}{value[start + len(core):]}"
+    if isinstance(value, dict):
+        return {k: v if k == "role" else _marked(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_marked(v) for v in value]
+    return value
+
+
+def _client_spans(marked: str, plain: str) -> list[tuple[int, int]] | None:
+    """Where, in `plain`, the marked rendering put client strings; None if the markers do not line up with it
+    (the template cut or changed a marked string)."""
+    spans, out, depth, start = [], [], 0, 0
+    for ch in marked:
+        if ch == _OPEN:
+            depth += 1
+            if depth == 1:
+                start = len(out)
+        elif ch == _CLOSE:
+            depth -= 1
+            if depth < 0:
+                return None
+            if depth == 0:
+                spans.append((start, len(out)))
+        else:
+            out.append(ch)
+    return spans if depth == 0 and "".join(out) == plain else None
 
 
 def _token_text(token: Any) -> str | None:
