@@ -489,17 +489,19 @@ def test_oversized_body_is_413_and_server_keeps_serving(tiny_chat_folder):
         live.close()
 
 
-def test_api_key_guards_every_route_but_health(tiny_chat_folder):
+def test_api_key_guards_every_route_but_health_and_the_page(tiny_chat_folder):
     live = LiveServer(LLM(str(tiny_chat_folder)), api_key="s3cret")
     try:
         good = {"Authorization": "Bearer s3cret"}
         for bad in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}]:
-            for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/"), ("POST", COMPLETIONS),
-                                 ("POST", CHAT)]:
+            for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", COMPLETIONS), ("POST", CHAT),
+                                 ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info")]:
                 response = httpx.request(method, f"{live.url}{path}", headers=bad, json={"prompt": "x"})
                 assert response.status_code == 401, (path, bad)
                 assert response.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(f"{live.url}/health").status_code == 200
+        page = httpx.get(f"{live.url}/")  # static HTML without data: a browser must see it to enter the key
+        assert page.status_code == 200 and "<html" in page.text.lower()
         assert httpx.get(f"{live.url}/v1/models", headers=good).status_code == 200
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="s3cret", max_retries=0)
         assert client.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens >= 1

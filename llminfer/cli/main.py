@@ -146,12 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: sampling fields a request leaves out take the model's generation_config.json "
                             "values (as vLLM); none: OpenAI's defaults (default: auto)")
     serve.add_argument("--max-queued", type=positive_int, default=256,
-                       help="waiting requests beyond this are answered 503 with Retry-After")
+                       help="waiting engine requests (prompts x n) beyond this are answered 503 with Retry-After "
+                            "(default: %(default)s)")
+    serve.add_argument("--max-batch-prompts", type=positive_int, default=256,
+                       help="prompts one /v1/completions request may carry; more get 400 (default: %(default)s)")
     serve.add_argument("--max-num-seqs", type=positive_int, default=64, help="requests in one running batch")
     serve.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="tokens per engine step")
     serve.add_argument("--no-prefix-caching", action="store_true")
     serve.add_argument("--max-n", type=positive_int, default=16, help="largest 'n' (choices per request) accepted")
     serve.add_argument("--max-body-size", type=_size, default="4MB", help="larger request bodies get 413")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a client may take to send its request body; then 408 (default: %(default)s)")
+    serve.add_argument("--max-connections", type=positive_int, default=512,
+                       help="open connections at most; more get 503 at once (default: %(default)s)")
+    serve.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                       help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     serve.add_argument("--drain-timeout", type=float, default=300.0,
                        help="seconds SIGTERM waits for requests in flight before exiting")
     serve.set_defaults(handler=_lazy("llminfer.cli.serve", "serve_command"))

@@ -61,10 +61,13 @@ def serve_command(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("LLMINFER_API_KEY") or None
     config = ServerConfig(model_name=args.served_model_name or served_name(args.model),
                           model_aliases=() if args.served_model_name else (args.model,), api_key=api_key,
-                          max_queued=args.max_queued, max_body_bytes=args.max_body_size, max_n=args.max_n)
+                          max_queued=args.max_queued, max_batch_prompts=args.max_batch_prompts,
+                          max_body_bytes=args.max_body_size, body_timeout_s=args.body_timeout, max_n=args.max_n)
     state = ServerState(config)
     server = DrainingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
-                                           log_level="warning", timeout_graceful_shutdown=5),
+                                           log_level="warning", timeout_graceful_shutdown=5,
+                                           limit_concurrency=args.max_connections,
+                                           timeout_keep_alive=args.keep_alive_timeout),
                             state, args.drain_timeout)
     loader = threading.Thread(target=_load_model, args=(args, state, server), name="llminfer-loader", daemon=True)
     loader.start()

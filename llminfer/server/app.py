@@ -12,13 +12,15 @@ import hmac
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from llminfer.engine.outputs import RequestOutput
 from llminfer.engine.sampler import TokenLogprob
@@ -51,8 +53,10 @@ class ServerConfig:
     model_name: str = "llminfer"  # what /v1/models lists and requests must name
     model_aliases: tuple[str, ...] = ()  # other names requests may use (the --model path as given)
     api_key: str | None = None
-    max_queued: int = 256  # waiting requests beyond this get 503
+    max_queued: int = 256  # waiting engine requests (prompts x n) beyond this get 503
+    max_batch_prompts: int = 256  # prompts one /v1/completions request may carry
     max_body_bytes: int = 4 * 2**20
+    body_timeout_s: float = 30.0  # a body not read by then gets 408 (a client sending a byte a second)
     max_n: int = 16
     retry_after_s: int = 1
 
@@ -68,6 +72,7 @@ class ServerState:
     max_model_len: int = 0
     draining: bool = False
     active_http_requests: int = 0
+    admitted: int = 0  # engine requests admitted but not yet handed to the engine (see _reserve)
     load_error: str | None = None
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)  # for fields a request leaves out
     page_defaults: dict[str, float | int] = field(default_factory=dict)  # what the chat page starts from
@@ -124,7 +129,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         tokenizer = _tokenizer(state)
-        body = parse_body(TokenizeRequest, await _read_body(request, config.max_body_bytes))
+        body = parse_body(TokenizeRequest, await _read_body(request, config))
         _check_model(body.model, config)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
@@ -143,7 +148,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
         tokenizer = _tokenizer(state)
-        body = parse_body(DetokenizeRequest, await _read_body(request, config.max_body_bytes))
+        body = parse_body(DetokenizeRequest, await _read_body(request, config))
         _check_model(body.model, config)
         _check_token_ids(state, body.tokens, "tokens")
         return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
@@ -157,9 +162,16 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        engine = _admit(state)
-        body = parse_body(CompletionRequest, await _read_body(request, config.max_body_bytes))
+        _admit(state)
+        body = parse_body(CompletionRequest, await _read_body(request, config))
         _check_model(body.model, config)
+        if len(body.prompt) > config.max_batch_prompts:
+            raise APIError(400, f"invalid 'prompt': {len(body.prompt)} prompts in one request, over this server's "
+                                f"limit of {config.max_batch_prompts} (--max-batch-prompts)", param="prompt")
+        with _reserve(state, len(body.prompt) * body.n, "prompt") as reservation:
+            return await _complete(request, body, reservation)
+
+    async def _complete(request: Request, body: CompletionRequest, reservation: _Reservation) -> Response:
         prompts = [await asyncio.to_thread(_prompt_ids, state, p) for p in body.prompt]
         max_tokens = body.max_tokens if body.max_tokens is not None else 16
         if max_tokens == 0 and not body.echo:
@@ -170,7 +182,7 @@ def create_app(state: ServerState) -> FastAPI:
         if max_tokens == 0 and prompt_logprobs is None:  # echo alone: the engine still computes the prompt
             prompt_logprobs = 0
         params = _sampling_params(state, body, prompts, max_tokens, body.logprobs, prompt_logprobs=prompt_logprobs)
-        call = _Call(engine, state, new_id("cmpl"), prompts, params, body.model or config.model_name,
+        call = _Call(state, request, reservation, new_id("cmpl"), prompts, params, body.model or config.model_name,
                      echo=body.echo)
         if body.stream:
             return _sse(call.completion_chunks(body.include_usage))
@@ -178,9 +190,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        engine = _admit(state)
-        body = parse_body(ChatCompletionRequest, await _read_body(request, config.max_body_bytes))
+        _admit(state)
+        body = parse_body(ChatCompletionRequest, await _read_body(request, config))
         _check_model(body.model, config)
+        with _reserve(state, body.n, "n") as reservation:
+            return await _chat(request, body, reservation)
+
+    async def _chat(request: Request, body: ChatCompletionRequest, reservation: _Reservation) -> Response:
         if state.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so no chat template", param="messages")
         messages = [m.as_template_input() for m in body.messages]
@@ -197,8 +213,8 @@ def create_app(state: ServerState) -> FastAPI:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         extra = {"structured": plan.grammar} if plan.grammar is not None else {}
         params = _sampling_params(state, body, [prompt], max_tokens, logprobs, **extra)
-        call = _Call(engine, state, new_id("chatcmpl"), [prompt], params, body.model or config.model_name,
-                     tools=plan)
+        call = _Call(state, request, reservation, new_id("chatcmpl"), [prompt], params,
+                     body.model or config.model_name, tools=plan)
         if body.stream:
             return _sse(call.chat_chunks(body.include_usage))
         return JSONResponse(await call.collect(request, call.chat_response))
@@ -206,8 +222,13 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+# Routes without the API key: the health check, and the chat page's static HTML (it holds no data; it asks the
+# user for the key and sends it with every API call).
+_OPEN_ROUTES = frozenset({"/health", "/"})
+
+
 class _AuthAndCount:
-    """Bearer-token check on every route but /health (constant-time), a count of requests in flight for the
+    """Bearer-token check on every route but _OPEN_ROUTES (constant-time), a count of requests in flight for the
     SIGTERM drain, and the last resort for bugs: an OpenAI-shaped 500, logged once. Plain ASGI, so streamed
     responses and disconnects pass through untouched."""
 
@@ -218,7 +239,7 @@ class _AuthAndCount:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         api_key = self.state.config.api_key
-        if api_key is not None and scope["path"] != "/health":
+        if api_key is not None and scope["path"] not in _OPEN_ROUTES:
             supplied = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(supplied, f"Bearer {api_key}".encode()):
                 error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
@@ -241,6 +262,8 @@ class _AuthAndCount:
                 await JSONResponse(error.body(), status_code=500)(scope, receive, send)
         finally:
             self.state.active_http_requests -= 1
+            for call in scope.get("llminfer_calls", ()):  # the exchange is over: nothing may go on running
+                call.abort()
 
 
 # --- admission and validation -----------------------------------------------------------------
@@ -261,28 +284,68 @@ def _check_ready(state: ServerState) -> None:
                        headers={"Retry-After": str(state.config.retry_after_s)})
 
 
-def _admit(state: ServerState) -> AsyncEngine:
-    """Readiness and overload, decided before the body is read or anything is tokenized."""
+def _admit(state: ServerState, count: int = 1) -> None:
+    """Readiness and overload: first before the body is read (count 1), then, with the body's count of engine
+    requests (prompts x n), by _reserve."""
     _check_ready(state)
-    engine = state.engine
-    if engine.num_waiting >= state.config.max_queued:
-        raise APIError(503, f"server overloaded: {engine.num_waiting} requests already waiting "
-                            f"(--max-queued {state.config.max_queued}); retry later", error_type="server_error",
-                       code="overloaded", headers={"Retry-After": str(state.config.retry_after_s)})
-    return engine
+    waiting, limit = state.engine.num_waiting + state.admitted, state.config.max_queued
+    if waiting + count > limit:
+        raise APIError(503, f"server overloaded: {waiting} requests already waiting (--max-queued {limit}); "
+                            "retry later", error_type="server_error", code="overloaded",
+                       headers={"Retry-After": str(state.config.retry_after_s)})
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+class _Reservation:
+    """Engine requests admitted but not yet handed to the engine; counted against --max-queued meanwhile."""
+
+    def __init__(self, state: ServerState, count: int) -> None:
+        self.state, self.count = state, count
+        state.admitted += count
+
+    def release(self) -> None:  # once the requests are the engine's to count (or never will be)
+        self.state.admitted -= self.count
+        self.count = 0
+
+
+@contextmanager
+def _reserve(state: ServerState, count: int, param: str) -> Iterator[_Reservation]:
+    """Atomic admission: the check and the count happen with no await between them, so requests that arrive
+    together cannot all pass one check; the count holds through tokenization until the call submits."""
+    if count > state.config.max_queued:
+        raise APIError(400, f"invalid '{param}': this request makes {count} engine requests (prompts x n), more "
+                            f"than this server ever queues (--max-queued {state.config.max_queued})", param=param)
+    _admit(state, count)
+    reservation = _Reservation(state, count)
+    try:
+        yield reservation
+    finally:
+        reservation.release()
+
+
+async def _read_body(request: Request, config: ServerConfig) -> bytes:
+    limit = config.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), config.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"request body not received within {config.body_timeout_s:g} s "
+                            f"({size} bytes arrived)", code="request_timeout") from None
+    except ClientDisconnect:
+        logger.info("client disconnected while sending its request body (%d bytes read)", size)
+        raise APIError(499, "client closed the request") from None
     return b"".join(chunks)
 
 
@@ -365,9 +428,10 @@ def _sampling_params(state: ServerState, body: Any, prompts: list[list[int]], ma
 class _Call:
     """One completions or chat call: one engine request per prompt, each with n choices."""
 
-    def __init__(self, engine: AsyncEngine, state: ServerState, call_id: str, prompts: list[list[int]],
-                 params: SamplingParams, model: str, echo: bool = False, tools: ToolPlan | None = None) -> None:
-        self.engine, self.state, self.id, self.prompts, self.params = engine, state, call_id, prompts, params
+    def __init__(self, state: ServerState, request: Request, reservation: _Reservation, call_id: str,
+                 prompts: list[list[int]], params: SamplingParams, model: str, echo: bool = False,
+                 tools: ToolPlan | None = None) -> None:
+        self.engine, self.state, self.id, self.prompts, self.params = state.engine, state, call_id, prompts, params
         self.model, self.created, self.echo = model, now(), echo
         self.tool_names = tools.tool_names if tools is not None else set()
         self.forced_call = tools is not None and tools.grammar is not None
@@ -376,6 +440,29 @@ class _Call:
         tokenizer = state.tokenizer
         self.logprobs = LogprobFormatter(
             (lambda t: tokenizer.decode([t], skip_special_tokens=False)) if tokenizer else str)
+        self._submit(request, reservation)
+
+    def _submit(self, request: Request, reservation: _Reservation) -> None:
+        """Hand every engine request over now, in the same tick as the admission's release, and have the
+        middleware abort them when the HTTP exchange ends (a stream whose client left before it started)."""
+        self.streams = []
+        request.scope.setdefault("llminfer_calls", []).append(self)
+        try:
+            for index, ids in enumerate(self.prompts):
+                self.streams.append(self.engine.submit(self._request_id(index), ids, self.params))
+        except EngineDeadError as exc:
+            self.abort()
+            raise _engine_error(exc) from None
+        finally:
+            reservation.release()
+
+    def _request_id(self, prompt_index: int) -> str:
+        return f"{self.id}-{prompt_index}"
+
+    def abort(self) -> None:
+        """Abort whatever is unfinished (a finished request ignores it)."""
+        for index in range(len(self.streams)):
+            self.engine.abort(self._request_id(index))
 
     def _choice_index(self, prompt_index: int, sample_index: int) -> int:
         return prompt_index * self.params.n + sample_index
@@ -384,14 +471,14 @@ class _Call:
         """(prompt index, output) as the engine produces them, all prompts interleaved."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(index: int, ids: list[int]) -> None:
+        async def pump(index: int) -> None:
             try:
-                async for output in self.engine.generate(f"{self.id}-{index}", ids, self.params):
+                async for output in self.engine.stream(self._request_id(index), self.streams[index]):
                     await queue.put((index, output))
             except Exception as exc:  # noqa: BLE001 - handed to the consumer; cancellation is not caught
                 await queue.put((index, exc))
 
-        tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(self.prompts)]
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.prompts))]
         remaining = len(tasks)
         try:
             while remaining:

@@ -32,7 +32,7 @@ class EngineSnapshot:
     """What the metrics and the overload check read, refreshed by the worker on every loop."""
 
     num_running: int = 0
-    num_waiting: int = 0
+    num_waiting: int = 0  # samples, not prompts: a request with n = 4 waits as 4
     kv_cache_usage: float = 0.0
     prefix_cache_hit_ratio: float = 0.0
 
@@ -41,6 +41,7 @@ class EngineSnapshot:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # RequestOutput, then nothing more once finished; or an exception
+    samples: int = 1  # what the request weighs in the waiting count: its n
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -52,7 +53,7 @@ class AsyncEngine:
         self.snapshot = EngineSnapshot()
         self.error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending_adds = 0  # submitted, not yet seen by the worker (guarded by _lock)
+        self._pending_adds = 0  # samples submitted, not yet seen by the worker (guarded by _lock)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}  # worker-only
@@ -76,7 +77,7 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued but not running: those the scheduler holds plus those not yet handed to it."""
+        """Samples queued but not running: those the scheduler holds plus those not yet handed to it."""
         return self.snapshot.num_waiting + self._pending_adds
 
     @property
@@ -84,19 +85,22 @@ class AsyncEngine:
         """Requests the engine still has to finish (none once the worker has ended: see _run's finally)."""
         return self.snapshot.num_running + self.num_waiting
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after every step that advanced it. Leaving the loop early (client gone,
-        task cancelled) aborts the request and frees its KV blocks."""
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> "_Stream":
+        """Hand a request to the worker now (it counts as waiting from this moment); read it with `stream`."""
         if not self.is_alive:
             raise EngineDeadError(self._dead_reason())
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         with self._lock:
-            self._pending_adds += 1
+            self._pending_adds += params.n
         self._commands.put(("add", request_id, prompt_token_ids, params, stream))
         self._wake.set()
         if self._exited:  # the worker ended after the check above: nobody else will answer this command
             self._fail_queued_commands()
+        return stream
+
+    async def stream(self, request_id: str, stream: "_Stream") -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after every step that advanced it. Leaving the loop early (client gone,
+        task cancelled) aborts the request and frees its KV blocks."""
         finished = False
         try:
             while not finished:
@@ -108,6 +112,13 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """submit, then stream."""
+        stream = self.submit(request_id, prompt_token_ids, params)
+        async for output in self.stream(request_id, stream):
+            yield output
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -161,7 +172,7 @@ class AsyncEngine:
             if command[0] == "add":
                 _, request_id, prompt_ids, params, stream = command
                 with self._lock:
-                    self._pending_adds -= 1
+                    self._pending_adds -= stream.samples
                 try:
                     self.engine.add_request(prompt_ids, params, request_id=request_id)
                 except Exception as exc:  # noqa: BLE001 - a bad request fails alone; the engine is untouched
@@ -179,11 +190,12 @@ class AsyncEngine:
         for command in self._queued_commands():
             if command[0] == "add":
                 with self._lock:
-                    self._pending_adds -= 1
+                    self._pending_adds -= command[4].samples
                 command[4].put(failure)
 
     def _refresh_snapshot(self) -> None:
         stats = self.engine.kv_cache_stats()
         scheduler = self.engine.scheduler
-        self.snapshot = EngineSnapshot(len(scheduler.running), len(scheduler.waiting),
+        waiting = sum(1 + request.pending_forks for request in scheduler.waiting)  # a group waits as n samples
+        self.snapshot = EngineSnapshot(len(scheduler.running), waiting,
                                        stats.used_blocks / stats.total_blocks, stats.prefix_cache_hit_rate)

@@ -15,7 +15,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.running = Gauge("llminfer_num_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("llminfer_num_requests_waiting", "Requests queued for the engine", registry=r)
+        self.waiting = Gauge("llminfer_num_requests_waiting", "Samples queued for the engine (n = 4 counts 4)",
+                             registry=r)
         self.kv_usage = Gauge("llminfer_kv_cache_usage_ratio", "KV blocks in use / all blocks (0..1)", registry=r)
         self.prefix_hit = Gauge("llminfer_prefix_cache_hit_ratio",
                                 "Prompt tokens found in the prefix cache / prompt tokens looked up", registry=r)
