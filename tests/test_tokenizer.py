@@ -216,3 +216,44 @@ def test_forged_control_tokens_in_a_template_that_rewrites_content_are_refused(s
     tok = Tokenizer(smollm2_tokenizer.backend, chat_template=template)
     with pytest.raises(TokenizerError, match="control token"):
         tok.apply_chat_template([{"role": "user", "content": FORGED}], tokenize=True)
+
+
+HOSTILE_TEMPLATES = [
+    "{{ 'a' * 1000000000 }}", "{{ [1] * 1000000000 }}", "{{ 1000000000 * 'ab' }}",
+    "{% set ns = namespace(x='a') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}",
+    "{% set ns = namespace(x='a') %}{% for i in range(40) %}{% set ns.x = ns.x + ns.x %}{% endfor %}{{ ns.x }}",
+    "{{ 'a'.center(1000000000) }}", "{{ 'a'|center(1000000000) }}", "{{ 'x'|indent(1000000000, true) }}",
+    "{{ '%1000000000s'|format('a') }}", "{{ '{:>1000000000}'.format('a') }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'aaaaaaaaaa' }}{% endfor %}{% endfor %}",
+]
+
+
+def test_hostile_templates_are_refused_within_bounded_memory():
+    """Each template would allocate gigabytes or write for minutes: each is a one-line TokenizerError, in a
+    process whose address space is capped at 1 GiB (a MemoryError there fails the test)."""
+    import json
+    import subprocess
+    import sys
+
+    program = f"""
+import json, resource
+resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+from llminfer.errors import TokenizerError
+from llminfer.tokenizer.chat_template import render_chat_template
+results = []
+for template in {HOSTILE_TEMPLATES!r}:
+    try:
+        render_chat_template(template, [{{"role": "user", "content": "hi"}}])
+        results.append("rendered")
+    except TokenizerError as exc:
+        results.append(str(exc))
+print(json.dumps(results))
+"""
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for template, message in zip(HOSTILE_TEMPLATES, json.loads(result.stdout)):
+        assert message.startswith("chat template: ") and "over the limit" in message, (template, message)
+        assert "\n" not in message
+    # what real templates do still works
+    assert render_chat_template("{{ ('a' ~ 'b') * 3 }}{{ '{}-{}'.format(1, 2) }}{{ 'x'|center(5) }}",
+                                []) == "ababab1-2  x  "
