@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model config field '{name}' must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"model config field '{name}' must be a finite positive number, got {value!r}")
         architecture_of(self.model_type)  # refuses an unknown one, naming the supported
         if self.hidden_act not in HIDDEN_ACTS:
             raise UnsupportedModelError(f"hidden activation '{self.hidden_act}' is not supported "

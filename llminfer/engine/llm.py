@@ -67,7 +67,7 @@ class LLM:
             plan = ShardPlan(checkpoint.config, rank, world, load_time_quantization(checkpoint, quantization))
             collectives = TorchCollectives(world)
         self.model = load_model(checkpoint, dtype, device, quantization, plan, resolve_ops(self.config.ops, device),
-                                collectives)
+                                collectives, max_model_len=max_model_len)
         self.config = replace(self.config, dtype=str(self.model.dtype).replace("torch.", ""))
         self.tokenizer = self.model.tokenizer
         if rank > 0:

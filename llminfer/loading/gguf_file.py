@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from llminfer.architectures import ARCHITECTURES, Architecture
 from llminfer.config import ModelConfig
-from llminfer.errors import ModelFormatError, UnsupportedModelError
+from llminfer.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from llminfer.layers.rotary import rope_inverse_frequencies
 from llminfer.loading.checkpoint import Checkpoint
 
@@ -113,6 +113,10 @@ class GGUFCheckpoint(Checkpoint):
     def model_config(self) -> ModelConfig:
         heads = self._meta("attention.head_count")
         hidden = self._meta("embedding_length")
+        for key, value in (("attention.head_count", heads), ("embedding_length", hidden)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{self.path}: GGUF metadata '{self.architecture}.{key}' must be a positive "
+                                  f"integer, got {value!r}")
         head_dim = self._meta("attention.key_length", hidden // heads)
         vocab = self._meta("vocab_size", None) or len(self.metadata.get("tokenizer.ggml.tokens") or [])
         eos = self.metadata.get("tokenizer.ggml.eos_token_id")
@@ -152,6 +156,14 @@ class GGUFCheckpoint(Checkpoint):
 
     def tensor_names(self) -> list[str]:
         return [n for n in (hf_name(t.name, self.entry) for t in self.reader.tensors) if n is not None]
+
+    def tensor_shapes(self) -> dict[str, tuple[str, list[int]]]:
+        shapes = {}
+        for tensor in self.reader.tensors:
+            name = hf_name(tensor.name, self.entry)
+            if name is not None:  # GGUF lists dims innermost-first
+                shapes[name] = (tensor.tensor_type.name, [int(d) for d in reversed(tensor.shape)])
+        return shapes
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         config = self.config

@@ -116,14 +116,14 @@ class HFFolderCheckpoint(Checkpoint):
     def quantization_config(self) -> QuantizationConfig | None:
         if not (self.path / QUANTIZATION_MANIFEST).is_file():
             return None
-        return read_quantization_manifest(self.path, self._tensor_shapes())
+        return read_quantization_manifest(self.path, self.tensor_shapes() or {})
 
-    def _tensor_shapes(self) -> dict[str, tuple[str, list[int]]]:
+    def tensor_shapes(self) -> dict[str, tuple[str, list[int]]] | None:
         """name -> (torch dtype name, shape), from the safetensors headers (no tensor is read)."""
         shapes = {}
         for file in self._files:
             if file.suffix != ".safetensors":
-                continue
+                return None
             with _open_safetensors(file) as f:
                 for name in f.keys():
                     tensor_slice = f.get_slice(name)
@@ -165,7 +165,7 @@ def read_quantization_manifest(folder: Path, tensor_shapes: dict[str, tuple[str,
     file = folder / QUANTIZATION_MANIFEST
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelFormatError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("quantization"), dict):
         raise ModelFormatError(f"{file}: missing the 'quantization' object")

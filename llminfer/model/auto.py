@@ -81,11 +81,13 @@ class AutoModel:
 
 def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
                quantization: str | None = None, shard_plan: TensorParallelPlan | None = None,
-               ops: OpSet | None = None, collectives: Collectives | None = None) -> CausalLM:
+               ops: OpSet | None = None, collectives: Collectives | None = None,
+               max_model_len: int | None = None) -> CausalLM:
     """A ready network (tokenizer attached) from a checkpoint. Quantized checkpoints are built quantized and
     their packed weights loaded directly: no float weight of a quantized layer is ever created. With a shard
     plan (and the collectives that join the ranks), this rank's share of the network, reading only its slice of
-    each tensor."""
+    each tensor. max_model_len: the context the caller will use (position tables are sized by it, not by the
+    config's maximum)."""
     stored = checkpoint.quantization_config()
     if stored is not None and quantization not in (None, stored.scheme):
         raise ConfigError(f"{checkpoint.name}: the checkpoint is quantized as {stored.describe()}; "
@@ -94,6 +96,10 @@ def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
     if dtype == "auto":
         dtype = stored.compute_dtype if stored else "bfloat16" if quantization else "float32"
     config = checkpoint.config if shard_plan is None else shard_plan.rank_config  # its heads and MLP width
+    if max_model_len is not None and max_model_len < config.max_position_embeddings:
+        config = replace(config, max_position_embeddings=max_model_len)
+    check_fits_in_memory(config, torch.float32 if quantization and stored is None else _dtype(dtype),
+                         stored is not None, device, checkpoint.name)
     if stored is not None:
         network = build_model(config, _dtype(dtype), device, replace(stored, compute_dtype=dtype), ops,
                               shard_plan, collectives)
@@ -109,6 +115,38 @@ def load_model(checkpoint: Checkpoint, dtype: str = "auto", device: str = "cpu",
                                  compute_dtype=dtype)).convert(network)
     network.tokenizer = checkpoint.tokenizer()
     return network
+
+
+def check_fits_in_memory(config: ModelConfig, dtype: torch.dtype, quantized: bool, device: str,
+                         source: str) -> None:
+    """Refuse, before building anything, a model whose weights, position tables and one KV block per layer
+    exceed the memory this machine has available (a config that says 10**12 positions, a 1e6-layer GGUF)."""
+    available = available_memory_bytes() if str(device) == "cpu" else None
+    if available is None:
+        return
+    element = torch.tensor([], dtype=dtype).element_size()
+    weights = config.num_parameters * (1 if quantized else element)
+    rope_tables = 3 * config.max_position_embeddings * config.head_dim // 2 * 4 * (2 if config.layer_types else 1)
+    kv_block = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 16 * element
+    needed = weights + rope_tables + kv_block
+    if needed > available:
+        gib = 2**30
+        raise ConfigError(f"{source}: needs about {needed / gib:.1f} GiB (weights {weights / gib:.1f} GiB, position "
+                          f"tables for {config.max_position_embeddings} positions {rope_tables / gib:.1f} GiB, one "
+                          f"KV block per layer {kv_block / gib:.2f} GiB) but {available / gib:.1f} GiB is available"
+                          "; a smaller --max-model-len shrinks the position tables")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None: the check is skipped where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def rank_tensors(checkpoint: Checkpoint, network: CausalLM, shard_plan: TensorParallelPlan | None = None):

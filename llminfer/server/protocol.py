@@ -219,7 +219,7 @@ class ChatMessage(_Strict):
 def _arguments(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise APIError(400, f"invalid 'messages': tool call arguments are not valid JSON: {text[:60]!r}",
                        param="messages") from None
 

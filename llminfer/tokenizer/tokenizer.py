@@ -198,5 +198,7 @@ def _read_tokenizer_config(folder: Path) -> dict[str, Any]:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: JSON nested too deeply") from None
