@@ -51,8 +51,10 @@ def byte_level_vocab(size: int) -> tuple[list[str], list[int]]:
     return tokens, [3] + [1] * len(alphabet) + [3] * (size - 1 - len(alphabet))
 
 
-def write_gguf(hf_model, path: Path, tensor_type: dict[str, Q] | Q) -> dict[str, np.ndarray]:
-    """Write hf_model as a llama GGUF; returns the float weights each tensor decodes to (HF layout)."""
+def write_gguf(hf_model, path: Path, tensor_type: dict[str, Q] | Q,
+               metadata: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Write hf_model as a llama GGUF; returns the float weights each tensor decodes to (HF layout).
+    metadata: keys whose (unsigned integer) values replace what the model's config says."""
     cfg = hf_model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(cfg.max_position_embeddings)
@@ -99,6 +101,9 @@ def write_gguf(hf_model, path: Path, tensor_type: dict[str, Q] | Q) -> dict[str,
         divisors = (rope_inverse_frequencies(head_dim, scaling["rope_theta"], None)
                     / rope_inverse_frequencies(head_dim, scaling["rope_theta"], scaling))
         writer.add_tensor("rope_freqs.weight", divisors.numpy().astype(np.float32), raw_dtype=Q.F32)
+    for key, value in (metadata or {}).items():
+        kind = gguf.GGUFValueType.UINT64 if value >= 2**32 else gguf.GGUFValueType.UINT32
+        writer.kv_data[0][key] = gguf.GGUFValue(value, kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
