@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,28 @@ def test_gguf_metadata_that_disagrees_with_the_tensors_is_refused_first(tmp_path
     path = tmp_path / "tiny.gguf"
     write_gguf(make_hf_model("llama"), path, Q.F32, metadata={key: value})
     assert_refused(generate(path), *fragments)
+
+
+def gguf_bytes(entries: bytes, n_kv: int = 1, n_tensors: int = 0) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + entries + b"\0" * 64
+
+
+def key(name: bytes) -> bytes:
+    return struct.pack("<Q", len(name)) + name
+
+
+@pytest.mark.parametrize("content,fragments", [
+    (gguf_bytes(key(b"general.architecture") + struct.pack("<IIQ", 9, 4, 2**40)), [f"declares {2**40} elements"]),
+    (gguf_bytes(key(b"tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**40)), [f"declares {2**40} elements"]),
+    (gguf_bytes(struct.pack("<Q", 2**62)), ["metadata key 0", "runs past the end"]),
+    (gguf_bytes(b"", n_kv=2**40), ["metadata entries"]),
+    (gguf_bytes(key(b"t") + struct.pack("<IQ", 2, 0), n_kv=0, n_tensors=1), ["dimension of 0"]),
+    (b"GGUF" + struct.pack("<I", 99) + b"\0" * 32, ["version 99"]),
+    (b"PK\3\4" + b"\0" * 64, ["not a GGUF file"]),
+])
+def test_gguf_headers_with_impossible_counts_are_refused_without_reading_them(tmp_path, content, fragments):
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(content)
+    for command in (["info", str(path)], ["generate", "-m", str(path), "hi"]):
+        shell = f"ulimit -v {MEMORY_CAP_KB}; exec timeout 60 {sys.executable} -m llminfer {' '.join(command)}"
+        assert_refused(subprocess.run(["bash", "-c", shell], capture_output=True, text=True), str(path), *fragments)

@@ -19,6 +19,7 @@ from llminfer.config import ModelConfig
 from llminfer.errors import ConfigError, ModelFormatError, UnsupportedModelError
 from llminfer.layers.rotary import rope_inverse_frequencies
 from llminfer.loading.checkpoint import Checkpoint
+from llminfer.loading.gguf_header import check_gguf_header
 
 if TYPE_CHECKING:
     from llminfer.tokenizer import Tokenizer
@@ -78,6 +79,7 @@ class GGUFCheckpoint(Checkpoint):
     def __init__(self, path: Path, name: str | None = None) -> None:
         super().__init__(name or str(path))
         self.path = path
+        check_gguf_header(path)  # the reader trusts the counts it reads
         try:
             self.reader = GGUFReader(str(path))
         except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on bad bytes
