@@ -131,3 +131,29 @@ def test_a_client_leaving_mid_body_is_logged_as_a_disconnect(live, caplog):
     assert "client disconnected while sending its request body" in caplog.text
     assert "unhandled error" not in caplog.text and "Traceback" not in caplog.text
     assert httpx.get(f"{live.url}/health").status_code == 200
+
+
+def test_openapi_describes_the_real_request_bodies(live):
+    schema = httpx.get(f"{live.url}/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, model in [(COMPLETIONS, "CompletionRequest"), (CHAT, "ChatCompletionRequest"),
+                        ("/tokenize", "TokenizeRequest"), ("/detokenize", "DetokenizeRequest")]:
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"}
+    completion_fields = set(components["CompletionRequest"]["properties"])
+    assert {"prompt", "max_tokens", "temperature", "response_format"} <= completion_fields
+    assert "messages" in components["ChatCompletionRequest"]["required"]
+    refs = {ref.rsplit("/", 1)[1] for ref in _refs(schema)}
+    assert refs <= set(components), refs - set(components)  # every $ref resolves
+
+
+def _refs(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "$ref":
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _refs(v)

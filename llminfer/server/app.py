@@ -93,7 +93,8 @@ class ServerState:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="llminfer", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="llminfer", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: _openapi(app)
     app.state.llminfer = state
     config = state.config
 
@@ -264,6 +265,29 @@ class _AuthAndCount:
             self.state.active_http_requests -= 1
             for call in scope.get("llminfer_calls", ()):  # the exchange is over: nothing may go on running
                 call.abort()
+
+
+# The handlers read their bodies themselves (size cap and timeout first), so FastAPI cannot see them: the
+# schema of each route's body is added here, from the same pydantic models that validate it.
+_REQUEST_BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                   "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title="llminfer", version="1", routes=app.routes,
+                             description="OpenAI-compatible API (completions, chat completions) and tokenizer routes")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in _REQUEST_BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # --- admission and validation -----------------------------------------------------------------
