@@ -114,12 +114,22 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], source: str = "config") -> "ModelConfig":
         """Build from a Hugging Face config.json dict; `source` names the file in error messages."""
+        try:
+            return cls._from_hf_dict(hf, source)
+        except (TypeError, KeyError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as exc:
+            # a string where a number belongs, a list where a name does, heads = 0 ...
+            raise ConfigError(f"{source}: invalid field value ({type(exc).__name__}: {exc})"[:300]) from None
+
+    @classmethod
+    def _from_hf_dict(cls, hf: dict[str, Any], source: str) -> "ModelConfig":
         model_type = _model_type_of(hf, source)
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [name for name in required if name not in hf]
         if missing:
             raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
         heads = hf["num_attention_heads"]
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            raise ConfigError(f"model config field 'num_attention_heads' must be a positive integer, got {heads!r}")
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -128,26 +138,23 @@ class ModelConfig:
                   "rope_theta": float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta",
                                                                                                  10000.0))),
                   "rope_scaling": _rope_scaling_of(hf)}
-        try:
-            fields.update(ARCHITECTURES[model_type].hf_config(hf, source))
-            return cls(
-                model_type=model_type,
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_hidden_layers=hf["num_hidden_layers"],
-                num_attention_heads=heads,
-                num_key_value_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=head_dim,
-                max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                **fields,
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=eos_ids,
-                torch_dtype=_dtype_name(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
-            )
-        except (TypeError, KeyError) as exc:  # e.g. a string where a number belongs
-            raise ConfigError(f"{source}: {exc}") from None
+        fields.update(ARCHITECTURES[model_type].hf_config(hf, source))
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            **fields,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos_ids,
+            torch_dtype=_dtype_name(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+        )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The equivalent Hugging Face config.json, so converted folders also load in transformers."""

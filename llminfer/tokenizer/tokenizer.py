@@ -53,13 +53,21 @@ class Tokenizer:
             backend = backend_from_sentencepiece(folder / "tokenizer.model", add_bos=config.get("add_bos_token", True))
         else:
             raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model")
+        source = folder / "tokenizer_config.json"
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            named = [t for t in template if isinstance(t, dict) and isinstance(t.get("template"), str)]
+            if len(named) != len(template):
+                raise TokenizerError(f"{source}: 'chat_template' list entries must be objects with a 'template' "
+                                     "string")
+            template = next((t["template"] for t in named if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{source}: 'chat_template' must be a string or a list of named templates, got "
+                                 f"{type(template).__name__}")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(backend, bos_token=_token_text(config.get("bos_token")),
-                   eos_token=_token_text(config.get("eos_token")),
+        return cls(backend, bos_token=_token_text(config.get("bos_token"), source, "bos_token"),
+                   eos_token=_token_text(config.get("eos_token"), source, "eos_token"),
                    chat_template=template, name=str(folder))
 
     def save(self, folder: str | Path) -> None:
@@ -188,8 +196,11 @@ def _client_spans(marked: str, plain: str) -> list[tuple[int, int]] | None:
     return spans if depth == 0 and "".join(out) == plain else None
 
 
-def _token_text(token: Any) -> str | None:
-    return token.get("content") if isinstance(token, dict) else token
+def _token_text(token: Any, source: Path, field: str) -> str | None:
+    text = token.get("content") if isinstance(token, dict) else token
+    if text is not None and not isinstance(text, str):
+        raise TokenizerError(f"{source}: '{field}' must be a token string, got {type(text).__name__}")
+    return text
 
 
 def _read_tokenizer_config(folder: Path) -> dict[str, Any]:
@@ -197,8 +208,11 @@ def _read_tokenizer_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TokenizerError(f"{path}: not valid JSON ({exc})") from None
     except RecursionError:
         raise TokenizerError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
