@@ -60,13 +60,13 @@ def free_port() -> int:
 class LiveServer:
     """The app on a real socket, served by uvicorn in a thread of the test process."""
 
-    def __init__(self, llm: LLM, **config) -> None:
+    def __init__(self, llm: LLM, uvicorn_options: dict | None = None, **config) -> None:
         self.state = ServerState(ServerConfig(model_name=MODEL, **config))
         self.state.attach(AsyncEngine(llm.engine), llm.tokenizer)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.state), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+                                                    log_level="warning", **(uvicorn_options or {})))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10

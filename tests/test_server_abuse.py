@@ -16,6 +16,7 @@ from test_server import CHAT, COMPLETIONS, MODEL, LiveServer
 
 from llminfer import LLM
 from llminfer.engine.llm_engine import LLMEngine
+from llminfer.server.connections import http_protocol
 
 
 @pytest.fixture()
@@ -243,3 +244,21 @@ def test_a_soak_through_a_tenth_of_the_kv_it_needs_gives_every_request_its_own_t
         assert llm.engine.scheduler.num_preemptions > 0  # the pool really was too small
     finally:
         live.close()
+
+
+@pytest.mark.parametrize("live", [{"uvicorn_options": {"limit_concurrency": 4, "timeout_keep_alive": 1,
+                                                       "http": http_protocol()}}], indirect=True)
+def test_silent_connections_are_closed_and_capped(live):
+    """Connections that never send a byte are closed after the keep-alive timeout (uvicorn alone keeps them
+    forever), and beyond --max-connections a request gets 503 at once."""
+    silent = [raw_connection(live) for _ in range(4)]
+    time.sleep(0.3)
+    refused = httpx.get(f"{live.url}/v1/models", timeout=10)
+    assert refused.status_code == 503
+    started = time.monotonic()
+    for sock in silent:
+        sock.settimeout(10)
+        assert sock.recv(1) == b""  # closed by the server
+        sock.close()
+    assert time.monotonic() - started < 5
+    assert httpx.get(f"{live.url}/v1/models", timeout=10).status_code == 200

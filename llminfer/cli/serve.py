@@ -15,6 +15,7 @@ import uvicorn
 
 from llminfer.server.app import ServerConfig, ServerState, create_app
 from llminfer.server.async_engine import AsyncEngine
+from llminfer.server.connections import http_protocol
 
 logger = logging.getLogger("llminfer.server")
 
@@ -66,7 +67,7 @@ def serve_command(args: argparse.Namespace) -> int:
     state = ServerState(config)
     server = DrainingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
                                            log_level="warning", timeout_graceful_shutdown=5,
-                                           limit_concurrency=args.max_connections,
+                                           limit_concurrency=args.max_connections, http=http_protocol(),
                                            timeout_keep_alive=args.keep_alive_timeout),
                             state, args.drain_timeout)
     loader = threading.Thread(target=_load_model, args=(args, state, server), name="llminfer-loader", daemon=True)
