@@ -116,6 +116,8 @@ class ModelConfig:
         """Build from a Hugging Face config.json dict; `source` names the file in error messages."""
         try:
             return cls._from_hf_dict(hf, source)
+        except (ConfigError, UnsupportedModelError) as exc:  # name the file the bad value came from
+            raise exc if str(exc).startswith(source) else type(exc)(f"{source}: {exc}") from None
         except (TypeError, KeyError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as exc:
             # a string where a number belongs, a list where a name does, heads = 0 ...
             raise ConfigError(f"{source}: invalid field value ({type(exc).__name__}: {exc})"[:300]) from None
