@@ -189,7 +189,7 @@ class Scheduler:
         for (_, sample), token, logprob, error in zip(batch.samples, output.token_ids, output.logprobs,
                                                       output.errors):
             if error is not None:
-                logger.warning("request %s failed: %s", sample.request_id, error)
+                logger.info("request %s failed: %s", sample.request_id, error)  # its caller reports it
                 sample.fail(error)
             else:
                 sample.append_token(token, self.max_model_len, logprob)

@@ -678,6 +678,7 @@ _ENGINE_ERRORS = (EngineDeadError, RequestFailedError, InvalidPromptError, Inval
 
 def _engine_error(exc: Exception) -> APIError:
     if isinstance(exc, (EngineDeadError, RequestFailedError)):
+        logger.warning("%s", exc)  # a 500: the operator sees it too, once
         return APIError(500, str(exc), error_type="server_error")
     return APIError(400, str(exc), param=getattr(exc, "field", None))
 
