@@ -62,6 +62,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model config field '{name}' must be a positive integer, got {value!r}")
+        token_ids = [*self.eos_token_id, *([] if self.bos_token_id is None else [self.bos_token_id])]
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in token_ids):
+            raise ConfigError(f"model config fields 'bos_token_id' / 'eos_token_id' must be token ids (integers >= 0), "
+                              f"got {self.bos_token_id!r} / {list(self.eos_token_id)!r}"[:300])
         for name in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
