@@ -124,7 +124,7 @@ def check_fits_in_memory(config: ModelConfig, dtype: torch.dtype, quantized: boo
     available = available_memory_bytes() if str(device) == "cpu" else None
     if available is None:
         return
-    element = torch.tensor([], dtype=dtype).element_size()
+    element = dtype.itemsize
     weights = config.num_parameters * (1 if quantized else element)
     rope_tables = 3 * config.max_position_embeddings * config.head_dim // 2 * 4 * (2 if config.layer_types else 1)
     kv_block = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 16 * element

@@ -7,11 +7,12 @@ allocate (`{{ 'a' * 10**9 }}`, doubling a string in a loop, a width of 10**9) an
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from jinja2 import TemplateError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -75,16 +76,20 @@ def _bounded_concat(*parts: Any) -> str:
     return _sized("".join(map(str, parts)))
 
 
-def _bounded_filter(name: str, size_args: slice) -> Any:
-    def checked(environment_filter: Any) -> Any:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            for arg in (*args[size_args], *kwargs.values()):
-                if isinstance(arg, int) and abs(arg) > MAX_RENDERED_CHARS:
-                    raise _too_big(f"'{name}' with {arg}")
-                if isinstance(arg, str) and name == "format" and _HUGE_WIDTH.search(arg):
-                    raise _too_big("a format width")
-            return _sized(environment_filter(*args, **kwargs))
-        return run
+def _bounded_filter(name: str, jinja_filter: Callable[..., Any]) -> Callable[..., Any]:
+    """The filter, with its width / length arguments (and for 'format' the format string) checked first."""
+    value_at = 1 if hasattr(jinja_filter, "jinja_pass_arg") else 0  # after the environment Jinja passes some
+
+    @functools.wraps(jinja_filter)  # keeps jinja_pass_arg: Jinja must still pass the environment
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        value = args[value_at] if len(args) > value_at else None
+        if name == "format" and isinstance(value, str) and _HUGE_WIDTH.search(value):
+            raise _too_big("a format width")
+        for arg in (*args[value_at + 1:], *kwargs.values()):
+            if isinstance(arg, int) and abs(arg) > MAX_RENDERED_CHARS:
+                raise _too_big(f"'{name}' with {arg}")
+        return _sized(jinja_filter(*args, **kwargs))
+
     return checked
 
 
@@ -102,7 +107,7 @@ def _compile(template: str):
     env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     for name in ("center", "indent", "format", "truncate", "wordwrap"):
-        env.filters[name] = _bounded_filter(name, slice(0, None))(env.filters[name])
+        env.filters[name] = _bounded_filter(name, env.filters[name])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["bounded_concat_"] = _bounded_concat

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -122,17 +123,23 @@ class Tokenizer:
                                  "message text in a way that hides where the message is; remove the token")
         return self._encode_outside_spans(text, client_spans)
 
-    @property
-    def _special_strings(self) -> list[str]:
-        return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content]
+    # The backend never changes, so what the forged-turn check needs is computed once per tokenizer.
+    @cached_property
+    def _special_strings(self) -> tuple[str, ...]:
+        added = self.backend.get_added_tokens_decoder().values()
+        return tuple(sorted({t.content for t in added if t.special and t.content}, key=len, reverse=True))
+
+    @cached_property
+    def _text_backend(self) -> BackendTokenizer:
+        """A copy that encodes control-token strings as text (a flag on the shared backend would change encode)."""
+        backend = BackendTokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
 
     def _encode_outside_spans(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
         """Control tokens only where the template wrote them; everything else, client text included, as text."""
-        if not hasattr(self, "_text_backend"):  # a copy: the flag must not change what encode() does elsewhere
-            self._text_backend = BackendTokenizer.from_str(self.backend.to_str())
-            self._text_backend.encode_special_tokens = True
         vocab = self.backend.get_vocab(with_added_tokens=True)
-        pattern = re.compile("|".join(map(re.escape, sorted(self._special_strings, key=len, reverse=True))))
+        pattern = re.compile("|".join(map(re.escape, self._special_strings)))  # longest first
         ids, start = [], 0
         for match in pattern.finditer(text):
             if any(a < match.end() and match.start() < b for a, b in spans):
@@ -150,7 +157,7 @@ class Tokenizer:
 _OPEN, _CLOSE = "\ufdd0", "\ufdd1"
 
 
-def _contains_any(value: Any, needles: list[str]) -> bool:
+def _contains_any(value: Any, needles: Sequence[str]) -> bool:
     if isinstance(value, str):
         return any(needle in value for needle in needles)
     if isinstance(value, dict):
