@@ -19,6 +19,7 @@ import uvicorn
 
 from llminfer import LLM, SamplingParams
 from llminfer.server import AsyncEngine, ServerConfig, ServerState, create_app
+from llminfer.server.connections import uvicorn_config
 
 MODEL = "tiny"
 
@@ -65,8 +66,9 @@ class LiveServer:
         self.state.attach(AsyncEngine(llm.engine), llm.tokenizer)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.state), host="127.0.0.1", port=self.port,
-                                                    log_level="warning", **(uvicorn_options or {})))
+        # the transport `llminfer serve` runs (protocol, keep-alive), so the tests meet its races too
+        self.server = uvicorn.Server(uvicorn_config(create_app(self.state), "127.0.0.1", self.port,
+                                                    **(uvicorn_options or {})))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10

@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a client may take to send its request body; then 408 (default: %(default)s)")
     serve.add_argument("--max-connections", type=positive_int, default=512,
                        help="open connections at most; more get 503 at once (default: %(default)s)")
-    serve.add_argument("--keep-alive-timeout", type=float, default=5.0,
-                       help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+    serve.add_argument("--keep-alive-timeout", type=float, default=None,
+                       help="seconds an idle keep-alive connection stays open (default: 20, longer than the "
+                            "common clients' own idle expiry)")
     serve.add_argument("--drain-timeout", type=float, default=300.0,
                        help="seconds SIGTERM waits for requests in flight before exiting")
     serve.set_defaults(handler=_lazy("llminfer.cli.serve", "serve_command"))

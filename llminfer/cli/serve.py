@@ -15,7 +15,7 @@ import uvicorn
 
 from llminfer.server.app import ServerConfig, ServerState, create_app
 from llminfer.server.async_engine import AsyncEngine
-from llminfer.server.connections import http_protocol
+from llminfer.server.connections import uvicorn_config
 
 logger = logging.getLogger("llminfer.server")
 
@@ -65,10 +65,9 @@ def serve_command(args: argparse.Namespace) -> int:
                           max_queued=args.max_queued, max_batch_prompts=args.max_batch_prompts,
                           max_body_bytes=args.max_body_size, body_timeout_s=args.body_timeout, max_n=args.max_n)
     state = ServerState(config)
-    server = DrainingServer(uvicorn.Config(create_app(state), host=args.host, port=args.port,
-                                           log_level="warning", timeout_graceful_shutdown=5,
-                                           limit_concurrency=args.max_connections, http=http_protocol(),
-                                           timeout_keep_alive=args.keep_alive_timeout),
+    server = DrainingServer(uvicorn_config(create_app(state), args.host, args.port,
+                                           max_connections=args.max_connections,
+                                           keep_alive_timeout_s=args.keep_alive_timeout),  # None: the default
                             state, args.drain_timeout)
     loader = threading.Thread(target=_load_model, args=(args, state, server), name="llminfer-loader", daemon=True)
     loader.start()

@@ -4,12 +4,20 @@ uvicorn times an idle connection out only between requests (keep-alive); one tha
 held forever, so a few hundred silent sockets would use up --max-connections. Starting the keep-alive timer
 when the connection is made closes those after --keep-alive-timeout too (the first byte received cancels it,
 as it does between requests).
+
+The keep-alive timeout is longer than the common clients' own idle expiry (httpx 5 s, aiohttp 15 s): when both
+sides use the same value, the server can close a pooled connection just as the client sends on it, and the
+client sees a reset instead of a response.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+import uvicorn
+
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 20.0  # `llminfer serve --keep-alive-timeout`
 
 
 def idle_closing(protocol_class: type) -> type:
@@ -34,3 +42,14 @@ def http_protocol() -> Any:
         from uvicorn.protocols.http.h11_impl import H11Protocol
 
         return idle_closing(H11Protocol)
+
+
+def uvicorn_config(app: Any, host: str, port: int, *, max_connections: int | None = None,
+                   keep_alive_timeout_s: float | None = None, **options: Any) -> uvicorn.Config:
+    """The transport `llminfer serve` runs: idle-closing protocol, connection cap, keep-alive timeout."""
+    settings: dict[str, Any] = dict(log_level="warning", timeout_graceful_shutdown=5,
+                                    limit_concurrency=max_connections, http=http_protocol(),
+                                    timeout_keep_alive=DEFAULT_KEEP_ALIVE_TIMEOUT_S if keep_alive_timeout_s is None
+                                    else keep_alive_timeout_s)
+    settings.update(options)
+    return uvicorn.Config(app, host=host, port=port, **settings)
