@@ -258,12 +258,13 @@ def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_si
                                 table: torch.Tensor) -> torch.Tensor:
     """Q4_1-style: activations quantized to int8 in blocks of 32 inside the kernel, unsigned levels x signed
     activations summed exactly per block in int16, scaled by both blocks' scales, plus min x the block's activation
-    sum; 8 output columns per register (ops/csrc/quantized_gemm.cpp), for one row as for a batch (AVX2: 2.7-3.3x
-    the blocks32 kernel from 1 to 64 rows, docs/PERFORMANCE.md). Other dtypes (float16) and, where bfloat16 has dot
-    products, prompts (PROMPT_ROWS) take the dequantized weight through a float matmul."""
+    sum; 8 output columns per register (16 with AVX-512 VNNI; ops/csrc/quantized_gemm.cpp), for one row as for a
+    batch (AVX2: 2.7-3.3x the blocks32 kernel from 1 to 64 rows, docs/PERFORMANCE.md). Other dtypes (float16)
+    and, where bfloat16 has dot products, prompts (PROMPT_ROWS) take the dequantized weight through a float
+    matmul."""
     columns = _panel_columns(table)
     if _kernel_takes(x) and not _dequantized_matmul_wins(x):
-        return cpu_kernels.kernels().int4_gemm(x.contiguous(), qweight, table, columns)
+        return cpu_kernels.kernels().int4_gemm(x.contiguous(), qweight, table, columns, cpu_kernels.isa())
     return F.linear(x, _panels8_dequantized(qweight, table, columns, x.shape[1]).to(x.dtype))
 
 
