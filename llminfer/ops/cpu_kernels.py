@@ -172,6 +172,12 @@ def isa() -> str:
     return os.environ.get("LLMINFER_CPU_ISA", "auto")
 
 
+@functools.cache
+def integer_isa() -> str:
+    """The instruction set the integer kernels run: LLMINFER_CPU_ISA's, else the best this CPU has (built)."""
+    return kernels().supported_isas()[0] if isa() == "auto" else isa()
+
+
 def float_isa() -> str:
     """The float kernels' path: AVX2 when LLMINFER_CPU_ISA asks for a 256-bit one, else the best this CPU has."""
     return "avx2" if isa() in ("avx2", "avx_vnni") else "auto"

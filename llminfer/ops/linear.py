@@ -260,12 +260,21 @@ def int4_weight_linear_cpu_int4(x: torch.Tensor, qweight: torch.Tensor, group_si
     activations summed exactly per block in int16, scaled by both blocks' scales, plus min x the block's activation
     sum; 8 output columns per register (16 with AVX-512 VNNI; ops/csrc/quantized_gemm.cpp), for one row as for a
     batch (AVX2: 2.7-3.3x the blocks32 kernel from 1 to 64 rows, docs/PERFORMANCE.md). Other dtypes (float16)
-    and, where bfloat16 has dot products, prompts (PROMPT_ROWS) take the dequantized weight through a float
-    matmul."""
+    and, where bfloat16 has dot products but the integer kernels lack AVX-512 VNNI, prompts (PROMPT_ROWS) take
+    the dequantized weight through a float matmul."""
     columns = _panel_columns(table)
-    if _kernel_takes(x) and not _dequantized_matmul_wins(x):
+    if _kernel_takes(x) and not _int4_dequantized_matmul_wins(x):
         return cpu_kernels.kernels().int4_gemm(x.contiguous(), qweight, table, columns, cpu_kernels.isa())
     return F.linear(x, _panels8_dequantized(qweight, table, columns, x.shape[1]).to(x.dtype))
+
+
+def _int4_dequantized_matmul_wins(x: torch.Tensor) -> bool:
+    """With AVX-512 VNNI (and no AMX) the int4 GEMM beats even a dequantized weight's bfloat16 matmul on
+    AVX512-BF16 at every row count measured (64-1024 rows: 1.05-1.3x before the dequantization's own cost,
+    which is 2-6 ms a layer and 230 ms for the LM head; docs/PERFORMANCE.md, eighth session)."""
+    if cpu_kernels.integer_isa() == "avx512_vnni" and "amx_bf16" not in cpu_kernels.cpu_flags():
+        return False
+    return _dequantized_matmul_wins(x)
 
 
 def _panel_columns(table: torch.Tensor) -> int:
