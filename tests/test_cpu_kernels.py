@@ -302,6 +302,11 @@ def test_paged_decode_attention_reads_block_tables_with_holes_and_shared_prefixe
                                                    lengths, 2, 0.125, window)
     reference = paged_decode_attention_reference(q, key_cache, value_cache, key_scales, value_scales, tables,
                                                  lengths, 2, 0.125, window)
+    by_isa = {isa: kernels.paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales, tables,
+                                                  lengths, 0.125, window, isa)
+              for isa in ["avx2"] + (["avx512"] if "avx512f" in cpu_kernels.cpu_flags() else [])}
+    for isa, ours in by_isa.items():  # AVX2's two passes and AVX-512's online softmax: the same attention
+        close(ours, got, dtype)
     for i, length in enumerate(lengths.tolist()):
         blocks = tables[i, : -(-length // block_size)]
 
@@ -316,7 +321,7 @@ def test_paged_decode_attention_reads_block_tables_with_holes_and_shared_prefixe
     close(got, reference, dtype if not quantized else torch.bfloat16)  # the reference rounds dequantized values
     with pytest.raises(RuntimeError, match="sequence 2: length 70 does not fit its 4 blocks"):
         kernels.paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales, tables,
-                                       torch.tensor([1, 1, 70]), 0.125, window)
+                                       torch.tensor([1, 1, 70]), 0.125, window, "auto")
 
 
 # --- falling back ----------------------------------------------------------------------------------------------

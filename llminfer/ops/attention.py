@@ -176,13 +176,15 @@ def paged_decode_attention_cpu(q: torch.Tensor, key_cache: torch.Tensor, value_c
                                block_tables: torch.Tensor, context_lens: torch.Tensor, num_shared: int,
                                scale: float, sliding_window: Optional[int]) -> torch.Tensor:
     """One task per (sequence, KV head), reading its blocks in place through the block table (an int8 cache is
-    dequantized as it is read): all scores, softmax, then the weighted values, in float32. Shared blocks are
-    read by each sequence (from cache, after the first)."""
+    dequantized as it is read), in float32: with AVX-512, one pass of 16 positions at a time with an online
+    softmax for all the head's query heads; with AVX2, all scores, softmax, then the weighted values. Shared
+    blocks are read by each sequence (from cache, after the first)."""
     if not cpu_kernels.takes(q) or (key_scales is None and key_cache.dtype != q.dtype):
         return paged_decode_attention_batched(q, key_cache, value_cache, key_scales, value_scales, block_tables,
                                               context_lens, num_shared, scale, sliding_window)
     return cpu_kernels.kernels().paged_decode_attention(q, key_cache, value_cache, key_scales, value_scales,
-                                                        block_tables, context_lens, scale, sliding_window)
+                                                        block_tables, context_lens, scale, sliding_window,
+                                                        cpu_kernels.float_isa())
 
 
 def _single_sequence_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

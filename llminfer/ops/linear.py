@@ -106,6 +106,20 @@ def _dequantized_matmul_wins(x: torch.Tensor) -> bool:
     return x.shape[0] >= PROMPT_ROWS.get(x.dtype, 1)
 
 
+LARGE_WEIGHT = 2**22  # int8 weights of more elements: their dequantized copy no longer stays in the caches
+
+
+def _int8_dequantized_matmul_wins(x: torch.Tensor, weight_elements: int) -> bool:
+    """With AVX-512 VNNI (no AMX), dequantizing costs ~0.1 ns an element while the copy stays in the caches and
+    ~0.65 ns past them (49152 x 576: 18 ms), against ~1 ps a multiply-add saved per row (bfloat16 matmul 700 G
+    against our kernel's 414 G multiply-adds/s): at 1536 x 576 the float matmul wins from 32-64 rows, for the
+    LM head only from ~256 (docs/PERFORMANCE.md, eighth session)."""
+    if cpu_kernels.integer_isa() == "avx512_vnni" and "amx_bf16" not in cpu_kernels.cpu_flags() \
+            and weight_elements > LARGE_WEIGHT:
+        return x.shape[0] >= 512
+    return _dequantized_matmul_wins(x)
+
+
 @implement("int8_weight_linear", "cpu_int8", devices=("cpu",), priority=10, weight_layout="tiles4x64",
            requirement=cpu_kernels.build_requirement, capturable=True)
 def int8_weight_linear_cpu_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -114,7 +128,7 @@ def int8_weight_linear_cpu_int8(x: torch.Tensor, qweight: torch.Tensor, scales: 
     weights in the tiles4x64 layout. Other dtypes (float16) and prompts (PROMPT_ROWS) take the dequantized weight
     through a float matmul."""
     kernels = cpu_kernels.kernels()
-    if _kernel_takes(x) and not _dequantized_matmul_wins(x):
+    if _kernel_takes(x) and not _int8_dequantized_matmul_wins(x, scales.numel() * x.shape[1]):
         return kernels.int8_linear(x.contiguous(), qweight, scales, cpu_kernels.isa())
     dtype = x.dtype if cpu_kernels.takes(x) else torch.float32
     return F.linear(x, kernels.dequantize_int8(qweight, scales, x.shape[1], dtype).to(x.dtype))
