@@ -207,14 +207,19 @@ def _single_sequence_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cach
 @implement("prefill_attention", "sdpa")
 def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                            sliding_window: Optional[int]) -> torch.Tensor:
-    """PyTorch's scaled_dot_product_attention (its flash kernel when the chunk is the whole sequence)."""
+    """PyTorch's scaled_dot_product_attention on one sequence.
+
+    Called with a batch dimension of one: on 3-D inputs PyTorch's CPU dispatch takes the math path
+    (scores materialized, 4-5x slower at 1024 tokens); on 4-D inputs it takes the flash kernel,
+    with or without a mask.
+    """
     q_len, length = q.shape[0], k.shape[1]
-    qi = q.transpose(0, 1)  # [Hq, Q, D]
+    qi, kb, vb = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, H, L, D]
     window_matters = sliding_window is not None and length > sliding_window
     if q_len == length and not window_matters:
-        out = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qi, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
     else:  # a chunk after a cached prefix: query i sits at position length - q_len + i
         positions = torch.arange(length - q_len, length, device=q.device)
         mask = visibility_mask(positions, length, sliding_window)
-        out = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+        out = F.scaled_dot_product_attention(qi, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
