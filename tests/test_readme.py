@@ -227,5 +227,5 @@ def test_client_snippets_run_as_written_against_the_server(readme_server, tmp_pa
 
     person, arguments = json.loads(lines[-2]), json.loads(lines[-1])  # the comments promise valid JSON
     assert set(person) == {"name", "age"} and isinstance(person["age"], int)
-    assert set(arguments) == {"city"}
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)  # additionalProperties: false
 
