@@ -194,6 +194,49 @@ def test_32_concurrent_streams_complete_with_correct_usage(server, oracle):
         assert usage.completion_tokens == len(want.token_ids)
 
 
+def test_requests_arriving_in_a_burst_join_one_step(tiny_chat_folder, oracle):
+    """A wave of arrivals a few milliseconds apart is gathered into the first step instead of trickling into
+    several small ones (the gaps here are wide so that a loaded machine keeps them under the window)."""
+    llm = LLM(str(tiny_chat_folder))
+    engine = AsyncEngine(llm.engine, arrival_gap_s=0.2, gather_s=5.0)
+    batch_sizes = []
+    step = llm.engine.step
+
+    def counting_step():
+        outputs = step()
+        batch_sizes.append(len(llm.engine.scheduler.running) + sum(o.finished for o in outputs))
+        return outputs
+
+    llm.engine.step = counting_step
+    prompts = [f"Burst {i}: the import statement" for i in range(8)]
+    expected = oracle.generate(prompts, GREEDY)
+
+    async def burst():
+        streams = []
+        for i, prompt in enumerate(prompts):
+            ids = llm.tokenizer.encode(prompt)
+            streams.append((f"burst-{i}", engine.submit(f"burst-{i}", ids, GREEDY)))
+            await asyncio.sleep(0.01)
+        texts = []
+        for request_id, stream in streams:
+            last = None
+            async for last in engine.stream(request_id, stream):
+                pass
+            texts.append(llm.tokenizer.decode(last.token_ids))
+        return texts
+
+    async def run():
+        engine.start()
+        try:
+            return await burst()
+        finally:
+            engine.stop()
+
+    texts = asyncio.run(run())
+    assert batch_sizes[0] == len(prompts), batch_sizes
+    assert texts == [want.text for want in expected]
+
+
 def test_models_health_metrics_and_chat_page(server):
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == MODEL
