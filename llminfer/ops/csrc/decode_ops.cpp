@@ -440,13 +440,148 @@ VECTOR_TARGET void attend(const Q* q, int64_t q_head_stride, const C* keys, cons
   }
 }
 
+// Ask for the keys and values of the chunk after the one at p (the next positions of this head, maybe in
+// another block) while this one is computed: each block is a jump the hardware prefetcher cannot follow, and
+// without this the kernels waited on those loads for most of their time (batch 64, an AVX2 host).
+template <typename C>
+inline void prefetch_next_chunk(const C* keys, const C* values, const CacheView& view, const int64_t* table,
+                                int64_t head, int64_t p, int64_t length, int64_t chunk) {
+  if (p >= length) return;
+  const int64_t offset = p % view.block_size;
+  const int64_t n = std::min({chunk, length - p, view.block_size - offset});
+  const int64_t index = view.vector_index(table[p / view.block_size], head, offset);
+  const char* k = reinterpret_cast<const char*>(keys + index * view.D);
+  const char* v = reinterpret_cast<const char*>(values + index * view.D);
+  for (int64_t byte = 0; byte < n * view.D * static_cast<int64_t>(sizeof(C)); byte += 64) {
+    _mm_prefetch(k + byte, _MM_HINT_T0);
+    _mm_prefetch(v + byte, _MM_HINT_T0);
+  }
+}
+
+// ---- decode attention, AVX2: one pass over the history, 8 positions at a time --------------------------------
+//
+// The two-pass kernel above computes every score with a horizontal sum and reads the values once per query head
+// (at batch 64 it was the largest op of a decode step on an AVX2 host). Here the history goes by chunks of up to
+// 8 positions (never across a cache block): each query head's 8 dot products are summed across lanes together
+// (a horizontal-add tree: 8 instructions for 8 sums), the softmax runs online, and keys and values are
+// converted to float32 in registers as they are multiplied, never copied. bfloat16 converts in one instruction
+// per 8 values if the lanes are taken in their own order (the even elements of 16, then the odd ones), so the
+// queries and the accumulated values are kept in that order and put back at the end.
+
+// The c-th 8 float32 lanes of a stored head vector, and which element of the vector a lane holds.
+template <typename C> struct Lanes;
+template <> struct Lanes<float> {
+  VECTOR_TARGET static __m256 vec(const float* v, int c) { return _mm256_loadu_ps(v + 8 * c); }
+  static int64_t element(int64_t lane) { return lane; }
+};
+template <> struct Lanes<int8_t> {
+  VECTOR_TARGET static __m256 vec(const int8_t* v, int c) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + 8 * c))));
+  }
+  static int64_t element(int64_t lane) { return lane; }
+};
+template <> struct Lanes<bf16> {  // vector 2h: elements 16h, 16h+2, ..., 16h+14; vector 2h+1: the odd ones
+  VECTOR_TARGET static __m256 vec(const bf16* v, int c) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * (c / 2)));
+    return _mm256_castsi256_ps(c % 2 == 0 ? _mm256_slli_epi32(bits, 16)
+                                          : _mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  static int64_t element(int64_t lane) { return 16 * (lane / 16) + 2 * (lane % 8) + (lane / 8) % 2; }
+};
+
+constexpr int64_t kChunk8 = 8;
+
+VECTOR_TARGET inline __m256 sum8(const float* rows) {  // lane j: the sum of the 8 floats of row j ([8, 8])
+  __m256 row[8];
+  for (int j = 0; j < 8; ++j) row[j] = _mm256_loadu_ps(rows + 8 * j);
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(row[0], row[1]), _mm256_hadd_ps(row[2], row[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(row[4], row[5]), _mm256_hadd_ps(row[6], row[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+VECTOR_TARGET inline float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// NV: D / 8, a constant so that the loops over a vector unroll.
+template <int NV, typename Q, typename C>
+VECTOR_TARGET void attend_avx2(const Q* q, int64_t q_head_stride, const C* keys, const C* values,
+                               const float* key_scales, const float* value_scales, const CacheView& view,
+                               const int64_t* table, int64_t head, int64_t first, int64_t length, int64_t G,
+                               float scale, Q* out, std::vector<float>& work) {
+  constexpr int64_t D = 8 * NV;
+  using L = Lanes<C>;
+  work.assign(2 * G * D + G * kChunk8 * 8 + G * kChunk8 + 2 * G, 0.f);
+  float* qf = work.data();                     // [G, D] the queries in float32, in the lanes' order
+  float* acc = qf + G * D;                     // [G, D] their weighted values so far, in the lanes' order
+  float* partial = acc + G * D;                // [G, 8, 8] each position's products, summed to 8 lanes
+  float* probs = partial + G * kChunk8 * 8;    // [G, 8] the chunk's softmax weights times the value scales
+  float* running_max = probs + G * kChunk8;    // [G]
+  float* running_sum = running_max + G;        // [G]
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t i = 0; i < D; ++i) qf[g * D + i] = to_float(q[g * q_head_stride + L::element(i)]);
+    running_max[g] = -std::numeric_limits<float>::infinity();
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  alignas(32) float k_scales[kChunk8], v_scales[kChunk8];
+  for (int64_t p = first; p < length;) {
+    const int64_t offset = p % view.block_size, block_end = p - offset + view.block_size;
+    const int64_t n = std::min({kChunk8, length - p, block_end - p});
+    const int64_t index = view.vector_index(table[p / view.block_size], head, offset);
+    prefetch_next_chunk(keys, values, view, table, head, p + n, length, kChunk8);
+    for (int64_t j = 0; j < kChunk8; ++j) {
+      k_scales[j] = j < n ? (key_scales ? key_scales[index + j] : 1.f) * scale : 0.f;
+      v_scales[j] = j < n && value_scales ? value_scales[index + j] : 1.f;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const C* key = keys + (index + j) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // two chains of FMAs
+        for (int c = 0; c < NV; c += 2) {
+          even = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + 8 * c), L::vec(key, c), even);
+          odd = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * D + 8 * (c + 1)), L::vec(key, c + 1), odd);
+        }
+        _mm256_storeu_ps(partial + (g * kChunk8 + j) * 8, _mm256_add_ps(even, odd));
+      }
+    }
+    const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane));
+    for (int64_t g = 0; g < G; ++g) {  // rows of partial past n are stale: their lanes are masked
+      const __m256 scores = _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
+                                             _mm256_mul_ps(sum8(partial + g * kChunk8 * 8), _mm256_load_ps(k_scales)),
+                                             valid);
+      const float top = std::max(running_max[g], max8(scores));
+      const float rescale = std::exp(running_max[g] - top);  // 0 for the first chunk (the maximum was -inf)
+      const __m256 weights = _mm256_and_ps(valid, exp8(_mm256_sub_ps(scores, _mm256_set1_ps(top))));
+      running_sum[g] = running_sum[g] * rescale + hsum(weights);
+      running_max[g] = top;
+      _mm256_storeu_ps(probs + g * kChunk8, _mm256_mul_ps(weights, _mm256_load_ps(v_scales)));
+      // Up to 8 accumulators at a time, the positions inner: independent FMAs, not one chain per vector.
+      constexpr int kGroup = NV < 8 ? NV : 8;
+      for (int c0 = 0; c0 < NV; c0 += kGroup) {
+        __m256 a[kGroup];
+        for (int c = 0; c < kGroup; ++c)
+          a[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + g * D + 8 * (c0 + c)), _mm256_set1_ps(rescale));
+        for (int64_t j = 0; j < n; ++j) {
+          const __m256 weight = _mm256_set1_ps(probs[g * kChunk8 + j]);
+          const C* value = values + (index + j) * D;
+          for (int c = 0; c < kGroup; ++c) a[c] = _mm256_fmadd_ps(weight, L::vec(value, c0 + c), a[c]);
+        }
+        for (int c = 0; c < kGroup; ++c) _mm256_storeu_ps(acc + g * D + 8 * (c0 + c), a[c]);
+      }
+    }
+    p += n;
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < D; ++i) out[g * D + L::element(i)] = from_float<Q>(acc[g * D + i] / running_sum[g]);
+}
+
 // ---- decode attention, AVX-512: one pass over the history, 16 positions at a time ----------------------------
 //
-// The AVX2 path above computes every score with a horizontal sum and reads the values once per query head. Here a
-// chunk of up to 16 positions (never across a cache block) is converted to float32 once, each query head's 16 dot
-// products are summed across lanes together (a transpose-and-add tree: 45 instructions for 16 sums instead of
-// ~8 each), and the softmax runs online (running maximum and sum, the accumulated values rescaled when the maximum
-// grows), so keys and values are read once for all G heads.
+// The chunked AVX2 kernel above on 16 lanes: a chunk of up to 16 positions, each query head's 16 dot products
+// summed across lanes together (a transpose-and-add tree: 45 instructions for 16 sums instead of ~8 each), the
+// softmax online, keys and values read once for all G heads.
 
 #define AVX512_VECTOR_TARGET __attribute__((target(AVX2_TARGET ",avx512f,avx512bw,avx512vl,avx512dq")))
 
@@ -563,13 +698,16 @@ template <typename Q, typename C>
 using AttendFn = void (*)(const Q*, int64_t, const C*, const C*, const float*, const float*, const CacheView&,
                           const int64_t*, int64_t, int64_t, int64_t, int64_t, float, Q*, std::vector<float>&);
 
-// The kernel for this head size and instruction set.
+// The kernel for this head size and instruction set (AVX2 is the kernels' minimum).
 template <typename Q, typename C>
 AttendFn<Q, C> attend_for(bool avx512, int64_t D) {
   if (avx512 && D == 64) return attend_avx512<4, Q, C>;
   if (avx512 && D == 128) return attend_avx512<8, Q, C>;
   if (avx512 && D == 256) return attend_avx512<16, Q, C>;
-  return attend<Q, C>;
+  if (D == 64) return attend_avx2<8, Q, C>;
+  if (D == 128) return attend_avx2<16, Q, C>;
+  if (D == 256) return attend_avx2<32, Q, C>;
+  return attend<Q, C>;  // other head sizes: two passes
 }
 
 bool use_avx512_attention(const std::string& isa, int64_t D) {
